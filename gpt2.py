@@ -1,0 +1,971 @@
+"""
+GPT-2 from scratch: the model, its data, training, sampling and command line in one file.
+
+GPT-2 (Radford, Wu, Child, Luan, Amodei and Sutskever, 2019, "Language Models are
+Unsupervised Multitask Learners") is a decoder-only Transformer trained to predict
+the next token of text. It keeps GPT-1's design (Radford et al., 2018): a token
+embedding plus a learned position embedding, a stack of blocks of masked multi-head
+self-attention and a GELU feed-forward network, and an output head tied to the
+token embedding. What GPT-2 changed:
+
+  - Pre-LN. Each sub-block normalises its input and adds its output to an untouched
+    residual stream, x + Attn(LN(x)), where GPT-1 normalised the sum,
+    LN(x + Attn(x)). A final LayerNorm (ln_f) comes before the head. Gradients then
+    reach every layer through the bare residual path, so deeper stacks train stably.
+  - Initialisation. The projections that write into the residual stream start
+    1/sqrt(2 * n_layer) smaller, so the stream's variance does not grow with depth.
+  - Scale. Byte-level BPE (any text, no unknown token), a 1024-token context, more
+    and wider layers. Here: our own BPE (bpe.py) and a model sized for a CPU.
+  - GELU, in the tanh approximation, as in GPT-1; written out below.
+
+Beyond the paper, generation keeps a KV-cache: the keys and values of the tokens
+seen so far, so that each new token costs one position's work, not the context's.
+Past the context length (block_size) the cache is re-filled from the cropped window
+on every step, because learned absolute positions get renumbered when the window
+slides: see GPT.stream. That keeps cached generation exactly equal to the plain one.
+
+    python gpt2.py train                   # tokenizer, encoded corpus, then training
+    python gpt2.py sample --prompt "Мой дядя"
+
+Ctrl-C during training saves a checkpoint; `python gpt2.py train --resume` goes on
+from it. `python gpt2.py eval` scores a checkpoint; `--help` on each command lists
+every flag with its default.
+"""
+
+import argparse
+import codecs
+import csv
+import math
+import os
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import bpe
+
+MODEL = "gpt2"  # stored in every checkpoint; checkpoints of other models are refused
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    """The shape of the network. GPT-2 small is (50257, 1024, 12, 12, 768, 0.1)."""
+
+    vocab_size: int = 3000  # tokens in the vocabulary (training takes it from the tokenizer)
+    block_size: int = 256  # context length: the most tokens the model sees at once
+    n_layer: int = 6  # Transformer blocks
+    n_head: int = 8  # attention heads per block
+    n_embd: int = 256  # width of the residual stream; each head gets n_embd // n_head
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, optimisation, schedule, bookkeeping."""
+
+    data_dir: str = field(default_factory=bpe.default_data_dir)  # folder of .txt novels
+    out_dir: str = f"checkpoints/{MODEL}"  # tokenizer.json, train/val.bin, ckpt.pt, log.csv
+    batch_size: int = 32  # sequences per micro-batch (per process under torchrun)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3  # peak learning rate, reached at the end of warmup
+    warmup_iters: int = 30  # steps of linear warmup from lr/warmup_iters to lr
+    max_iters: int = 700  # optimizer steps in the whole run
+    lr_decay_iters: int | None = None  # step where the cosine reaches lr/10 (None: max_iters)
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay, on weight matrices only
+    grad_clip: float = 1.0  # clip the gradient's global norm to this (0: no clipping)
+    eval_interval: int = 100  # steps between evaluations (and checkpoints)
+    eval_iters: int = 10  # batches per split in each evaluation
+    log_interval: int = 10  # steps between progress lines
+    max_time: float | None = None  # stop cleanly (and save) after this many seconds
+    seed: int = 1337  # for the initial weights, dropout and the batches
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    compile: bool = False  # torch.compile the model
+    resume: bool = False  # continue from out_dir/ckpt.pt
+
+    def __post_init__(self):
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        for name in ("batch_size", "grad_accum", "max_iters", "lr_decay_iters", "eval_interval",
+                     "eval_iters", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"max_time must be positive, got {self.max_time}")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+# The fused kernels below compute exactly what the written-out gelu() and
+# attention() compute, only faster and in less memory. The tests switch this off
+# to check that claim.
+FUSED = True
+
+
+def gelu(x):
+    """GELU (Hendrycks and Gimpel, 2016), x * Phi(x) with Phi the standard normal
+    CDF, in the tanh approximation GPT-2 used: a smooth ReLU that lets a little
+    negative signal through."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def attention(q, k, v, dropout_p=0.0):
+    """Masked scaled dot-product attention, written out: softmax(q k^T / sqrt(d)) v.
+
+    q (B, n_head, T, head_size) are the queries of the *last* T of the T_k
+    positions whose keys and values k, v (B, n_head, T_k, head_size) hold: in
+    training T == T_k, with a KV-cache the earlier positions are cached. The mask
+    lets query i (at position T_k - T + i) see keys 0 .. T_k - T + i only.
+    """
+    T, T_k = q.size(-2), k.size(-2)
+    att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_k)
+    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
+    att = att.masked_fill(~causal, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    att = F.dropout(att, dropout_p)  # GPT-2's attention dropout: on the weights
+    return att @ v  # (B, n_head, T, head_size)
+
+
+def fused_attention(q, k, v, dropout_p=0.0):
+    """attention() through F.scaled_dot_product_attention: one kernel that never
+    holds the (T, T_k) weight matrix when it can avoid it."""
+    T, T_k = q.size(-2), k.size(-2)
+    if T == T_k:  # training, or filling an empty cache: the plain causal mask
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    # A single new token sees every cached key: no mask at all. Several new tokens
+    # after cached ones need attention()'s mask, which is_causal cannot express.
+    mask = None if T == 1 else torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(T_k - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class KVCache:
+    """The keys and values that every layer computed for the tokens so far.
+
+    The buffers are allocated once, for the full context, and written in place:
+    a generation step allocates and copies nothing but its own token's keys and
+    values. `pos` counts the tokens held; the next tokens go to positions pos, ...
+    """
+
+    def __init__(self, config, batch_size, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store one layer's keys and values of the new tokens (B, n_head, T,
+        head_size); return all its keys and values so far (B, n_head, pos + T,
+        head_size). GPT.forward advances pos once every layer has stored."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked multi-head self-attention: each position takes a weighted mix of the
+    values of itself and the positions before it, weighted by how well its query
+    matches their keys, in n_head independent heads whose outputs are concatenated
+    and projected back into the residual stream."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer = layer  # which layer of a KVCache is ours
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # merged heads -> residual stream
+        self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()  # batch, tokens, n_embd
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, n_head, T_k, head_size): cached + new
+        dropout_p = self.dropout if self.training else 0.0
+        y = (fused_attention if FUSED else attention)(q, k, v, dropout_p)  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: widen to 4 * n_embd, GELU, project back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, 4 * n_embd)
+        x = F.gelu(x, approximate="tanh") if FUSED else gelu(x)
+        return self.dropout(self.c_proj(x))  # (B, T, n_embd)
+
+
+class Block(nn.Module):
+    """One Transformer layer, Pre-LN: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)  # (B, T, n_embd)
+        return x + self.mlp(self.ln_2(x))  # (B, T, n_embd)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """Pick the next token (B, 1) from the last position's logits (B, vocab_size).
+
+    temperature 0 is greedy; otherwise logits are divided by the temperature, then
+    optionally only the top_k most likely tokens are kept, and of those only the
+    smallest set whose probability adds up to top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens before it already hold top_p: the most
+        # likely token is always kept.
+        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
+    return torch.multinomial(probs, num_samples=1)
+
+
+class GPT(nn.Module):
+    """The language model: embeddings, n_layer blocks, a final LayerNorm and a head
+    that turns each position's vector into logits over the next token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (as in GPT-1 and GPT-2): reading a token in and predicting it
+        # out share one matrix, which saves parameters and trains both from every token.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases. The projections
+        that add into the residual stream (two per block) get std / sqrt(2 * n_layer):
+        the stream is a sum of 2 * n_layer such outputs, and this keeps its variance
+        at initialisation independent of depth."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Parameters to train; the tied head and token embedding count once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), and, given targets
+        (B, T), the mean cross-entropy loss; else None. With a kv_cache, idx are the
+        tokens after the cached ones, at positions kv_cache.pos, kv_cache.pos + 1, ..."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} tokens do not fit the context of {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)  # (B, T, n_embd)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Yield max_new_tokens new tokens (B, 1), one at a time, as they are sampled.
+
+        Without the cache every step runs the whole window: the last block_size
+        tokens. With it, the first step runs the window once and fills the cache,
+        and each later step runs only the newest token, which attends to the cached
+        keys and values of the ones before it.
+
+        Past block_size the window slides by one token per step, and nothing cached
+        stays valid: the position embeddings are absolute and learned, so every
+        token in the window gets a new position number, and from the second layer
+        on, each token's keys and values depend on what it attended to, including
+        the token that just left the window. Re-filling the cache from the cropped
+        window on each such step costs as much as not caching, but it computes
+        exactly the model's answer; a cheaper sliding cache would silently compute
+        a different model.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        B, T = idx.size()
+        if T == 0:
+            raise ValueError("generation needs at least one token to start from")
+        block_size = self.config.block_size
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        tokens[:, :T] = idx
+        kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        for t in range(T, T + max_new_tokens):  # t: tokens so far
+            if kv_cache is not None and kv_cache.pos == t - 1 and t <= block_size:
+                x = tokens[:, t - 1 : t]  # (B, 1): the rest is cached
+            else:
+                x = tokens[:, max(0, t - block_size) : t]  # (B, <= block_size): the whole window
+                if kv_cache is not None:
+                    kv_cache.pos = 0  # fill (or re-fill: see above) from the window
+            logits, _ = self(x, kv_cache=kv_cache)  # (B, T_x, vocab_size)
+            tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
+            yield tokens[:, t : t + 1]
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_tokens(path):
+    """A .bin file of bpe.prepare_corpus as a 1-D uint16 tensor: 2 bytes a token,
+    with no int64 copy of the whole corpus."""
+    path = Path(path)
+    return torch.from_file(str(path), dtype=torch.uint16, size=path.stat().st_size // 2)
+
+
+def windows(tokens, starts, length):
+    """The token windows tokens[s : s + length] for each s in starts: (len(starts), length),
+    as int64 (only these few windows are widened, not the corpus)."""
+    return tokens[starts[:, None] + torch.arange(length)].long()
+
+
+def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
+    """A batch of random windows of block_size + 1 tokens: inputs x (B, block_size)
+    and targets y (B, block_size), y being x shifted one token ahead.
+
+    Every process draws the starts of all processes' batches from an identically
+    seeded generator and keeps its own share, so that the generator's state is the
+    same everywhere (one state to checkpoint) and 2 processes with batch B see the
+    batch 1 process with batch 2 * B would see."""
+    starts = torch.randint(len(tokens) - block_size, (world_size * batch_size,), generator=generator)
+    window = windows(tokens, starts[rank * batch_size : (rank + 1) * batch_size], block_size + 1)
+    return window[:, :-1], window[:, 1:]
+
+
+def sequential_batches(tokens, batch_size, block_size):
+    """Every token of `tokens` predicted once, in order: consecutive windows of
+    block_size + 1 tokens, overlapping by one, batch_size at a time; a shorter
+    window last. Yields (x, y) like get_batch."""
+    n_full = (len(tokens) - 1) // block_size
+    for first in range(0, n_full, batch_size):
+        starts = torch.arange(first, min(first + batch_size, n_full)) * block_size
+        window = windows(tokens, starts, block_size + 1)
+        yield window[:, :-1], window[:, 1:]
+    rest = tokens[n_full * block_size :].long()
+    if len(rest) > 1:
+        yield rest[None, :-1], rest[None, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW; weight decay only on the weight matrices (linear and embedding
+    weights, the parameters with 2 dimensions). Pulling biases and LayerNorm gains
+    toward zero would only fight what they are for."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # betas (0.9, 0.95): GPT-3's, a shorter memory of the squared gradient than
+    # the default 0.999 suits noisy small-batch steps.
+    fused = device.type in ("cuda", "cpu")  # one kernel per step for all parameters
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def get_lr(step, cfg):
+    """Learning rate for step (0-based): linear warmup to cfg.lr, then a cosine
+    down to cfg.lr / 10 at lr_decay_iters, then flat."""
+    min_lr = cfg.lr / 10
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if step >= cfg.lr_decay_iters:
+        return min_lr
+    progress = (step - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
+    """Mean loss per token (nats) and bits per character over batches of (x, y).
+
+    Bits per character = total nats / ln 2 / characters of the targets' text:
+    unlike loss per token, it does not depend on the tokenizer, so models with
+    any vocabulary compare on one scale. char_counts (vocab_size,) says how many
+    characters each token adds. Under torchrun the totals are summed over processes."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, _ = model(x)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        totals[1] += y.numel()
+        totals[2] += char_counts[y].sum()
+    model.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    nats, n_tokens, n_chars = totals.tolist()
+    return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
+
+
+def save_checkpoint(path, model, optimizer, step, tok, batch_generator):
+    """Everything needed to continue exactly: weights, optimizer, step, the random
+    states (dropout, batches), the config as a plain dict and the tokenizer's
+    fingerprint. Written to a temporary file beside it, then renamed over it, so
+    that a crash leaves the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    checkpoint = {
+        "model": MODEL,
+        "config": asdict(model.config),
+        "tokenizer": tok.fingerprint,
+        "step": step,
+        "weights": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()},
+    }
+    if torch.cuda.is_available():
+        checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint, checked; anything else is refused
+    with one sentence that says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first with `python gpt2.py train`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated zip, foreign pickle, ...: each fails in its own way
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint written by gpt2.py")
+    if checkpoint["model"] != MODEL:
+        raise ValueError(f"{path} is a checkpoint of {checkpoint['model']!r}, not of {MODEL!r}")
+    missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
+    if missing:
+        raise ValueError(f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path):
+    """Build the GPT a checkpoint describes and load its weights. Names that
+    torch.compile (_orig_mod.) or DistributedDataParallel (module.) prefixed are
+    accepted too."""
+    weights = {re.sub(r"^(_orig_mod\.|module\.)+", "", name): w for name, w in checkpoint["weights"].items()}
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def check_tokenizer(checkpoint, tok, path):
+    if checkpoint["tokenizer"] != tok.fingerprint:
+        raise ValueError(f"{path} was trained with another tokenizer than {path.parent / 'tokenizer.json'}")
+
+
+def parse_duration(text):
+    """'90s', '30m', '1.5h' or a bare number of seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def pick_device(name, local_rank=0):
+    """torch.device for --device: auto picks cuda, then mps, then cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps, but MPS is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def prepare_data(cfg, vocab_size, rank, log):
+    """bpe.prepare_corpus: the tokenizer and the encoded splits, made once and
+    cached in out_dir. Under torchrun, process 0 makes them while the others wait,
+    then the others load what it made."""
+    if rank != 0:
+        dist.barrier()
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data_dir, cfg.out_dir, vocab_size, log=log)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    return tok, load_tokens(train_path), load_tokens(val_path)
+
+
+def resume(checkpoint, path, model, optimizer, tok, batch_generator):
+    """Load a run's state from its checkpoint; return the step to continue from."""
+    check_tokenizer(checkpoint, tok, path)
+    if checkpoint["config"] != asdict(model.config):
+        theirs, ours = checkpoint["config"], asdict(model.config)
+        differ = ", ".join(f"{k}={theirs.get(k)} (asked: {v})" for k, v in ours.items() if theirs.get(k) != v)
+        raise ValueError(f"{path} has another model shape: {differ}; give the same flags to resume")
+    model.load_state_dict(model_from_checkpoint(checkpoint, path).state_dict())
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    batch_generator.set_state(checkpoint["rng"]["batches"])
+    if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    return checkpoint["step"]
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training asks the loop to stop after the current
+    step, so that the checkpoint it saves is a clean state to resume from. A
+    second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+
+def train(config, cfg):
+    """Train a GPT of shape `config` on cfg.data_dir, writing to cfg.out_dir; return
+    the model. Under torchrun, one process per device, joined by DistributedDataParallel."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train_process(config, cfg, device, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train_process(config, cfg, device, rank, world_size):
+    """The training loop of one process (the only one, without torchrun)."""
+    log = print if rank == 0 else lambda *args, **kwargs: None
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "ckpt.pt"
+    checkpoint = load_checkpoint(ckpt_path) if cfg.resume else None  # fail early if missing
+
+    tok, train_tokens, val_tokens = prepare_data(cfg, config.vocab_size, rank, log)
+    config = replace(config, vocab_size=tok.vocab_size)  # a tiny text may stop BPE early
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) <= config.block_size:
+            raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = "
+                             f"{config.block_size + 1}: use more text or a smaller --block-size")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, ~8x the speed
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    model = GPT(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    batch_generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if checkpoint is not None:
+        step = resume(checkpoint, ckpt_path, model, optimizer, tok, batch_generator)
+        log(f"resuming from {ckpt_path} at step {step}")
+    elif ckpt_path.exists():
+        log(f"starting a new run: {ckpt_path} will be overwritten (--resume continues it instead)")
+    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}")
+    log(f"tokens: {len(train_tokens):,} train, {len(val_tokens):,} val; device {device}, {world_size} process(es)")
+
+    trained = torch.compile(model) if cfg.compile else model
+    if world_size > 1:
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum * world_size
+    csv_log = CsvLog(out_dir / "log.csv", append=checkpoint is not None) if rank == 0 else None
+
+    def evaluate_and_save():
+        splits = {}
+        for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+            generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches every time
+            batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
+                       for _ in range(cfg.eval_iters))
+            splits[split] = evaluate(trained, batches, char_counts, device, autocast)
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
+        return splits
+
+    start = time.time()
+    first_step = step
+    window_start, window_steps = time.time(), 0
+    with StopRequest() as stop:
+        while step < cfg.max_iters:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(trained, optimizer, train_tokens, cfg, config, batch_generator,
+                              device, autocast, rank, world_size)
+            step += 1
+            window_steps += 1
+            elapsed = time.time() - start
+            out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
+            if agree_to_stop(stop.requested, device):
+                save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator) if rank == 0 else None
+                log(f"interrupted at step {step}: saved {ckpt_path}; `python gpt2.py train --resume` continues")
+                return model
+            tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
+            if step == first_step + 1 or step % cfg.log_interval == 0:
+                log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
+            last = step == cfg.max_iters or agree_to_stop(out_of_time, device)
+            if step % cfg.eval_interval == 0 or last:
+                splits = evaluate_and_save()
+                steps_left = cfg.max_iters - step
+                eta = steps_left * elapsed / (step - first_step)
+                if cfg.max_time is not None:
+                    eta = min(eta, max(0.0, cfg.max_time - elapsed))
+                (train_loss, train_bpc), (val_loss, val_bpc) = splits["train"], splits["val"]
+                log(f"eval step {step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
+                    f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
+                    f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}")
+                if csv_log:
+                    csv_log.write(step=step, lr=lr, train_loss=train_loss, train_bpc=train_bpc, val_loss=val_loss,
+                                  val_bpc=val_bpc, tokens_per_s=round(tokens_per_s), elapsed_s=round(elapsed, 1))
+                window_start, window_steps = time.time(), 0  # tokens/s leaves the evaluation out
+                if last:
+                    if step < cfg.max_iters:
+                        log(f"stopped after --max-time at step {step}; --resume continues")
+                    break
+    log(f"saved {ckpt_path}")
+    return model
+
+
+def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank, world_size):
+    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss.
+    Under DDP, gradients are averaged across processes only on the last micro-batch."""
+    total = 0.0
+    for micro_step in range(cfg.grad_accum):
+        x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        syncing = micro_step == cfg.grad_accum - 1 or not isinstance(model, DistributedDataParallel)
+        with nullcontext() if syncing else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        total += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def agree_to_stop(wants_to_stop, device):
+    """Whether to stop now. Under torchrun every process must stop at the same
+    step, or the others would wait forever for its gradients: any one decides."""
+    if not dist.is_initialized():
+        return wants_to_stop
+    flag = torch.tensor(float(wants_to_stop), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class CsvLog:
+    """One row per evaluation in out_dir/log.csv (appended to when resuming)."""
+
+    COLUMNS = ["step", "lr", "train_loss", "train_bpc", "val_loss", "val_bpc", "tokens_per_s", "elapsed_s"]
+
+    def __init__(self, path, append):
+        self.path = path
+        if not (append and path.exists()):
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerow(self.COLUMNS)
+
+    def write(self, **row):
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow(row)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def load_trained(out_dir, device):
+    """The model and tokenizer of a finished (or interrupted) run in out_dir."""
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    checkpoint = load_checkpoint(ckpt_path)
+    tok = bpe.Tokenizer.load(out_dir / "tokenizer.json")
+    check_tokenizer(checkpoint, tok, ckpt_path)
+    model = model_from_checkpoint(checkpoint, ckpt_path)
+    return model.to(device).eval(), tok
+
+
+def decode_stream(tok, token_ids):
+    """Turn token ids into text pieces as they come. A token can end in the middle
+    of a multi-byte UTF-8 character (half of a Cyrillic letter): an incremental
+    decoder holds such bytes back until the character is whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token_id in token_ids:
+        text = decoder.decode(tok.decode_bytes([token_id]))
+        if text:
+            yield text
+    text = decoder.decode(b"", final=True)
+    if text:
+        yield text
+
+
+def cmd_sample(args):
+    """`python gpt2.py sample`: stream generated text to stdout, the speed to stderr."""
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device)
+    prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
+    prompt_ids = tok.encode(prompt) if prompt else [tok.eot_id]  # no prompt: a new document
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    torch.manual_seed(args.seed)
+    n_tokens, start = 0, time.time()
+
+    def new_ids():  # the sampled ids, up to <|endoftext|> unless told otherwise
+        nonlocal n_tokens
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                  use_cache=not args.no_cache):
+            n_tokens += 1
+            if token.item() == tok.eot_id and not args.ignore_eot:
+                return
+            yield token.item()
+
+    for i in range(args.num_samples):
+        sys.stdout.write(("\n---------------\n" if i else "") + prompt)
+        for text in decode_stream(tok, new_ids()):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    seconds = time.time() - start
+    print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+
+
+def cmd_eval(args):
+    """`python gpt2.py eval`: loss and bits per character of a checkpoint, on the
+    validation novels or on a text file, every token once."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device)
+    if args.text:
+        source = args.text
+        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in the .bin files
+    else:
+        _, _, val_path = bpe.prepare_corpus(args.data, args.out_dir, log=print)
+        source, tokens = f"validation split of {args.data}", load_tokens(val_path)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
+    loss, bpc = evaluate(model, batches, char_counts, device)
+    print(f"{source}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the help says what its absence means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def cmd_train(args):
+    """`python gpt2.py train`: the flags become a GPTConfig and a TrainConfig."""
+    config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    train(config, cfg)
+
+
+def build_parser():
+    parser = ArgumentParser(prog="gpt2.py", description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+    model, run = GPTConfig(), TrainConfig()
+
+    train_args = commands.add_parser("train", help="train a model", formatter_class=HelpFormatter)
+    train_args.add_argument("--data", dest="data_dir", default=run.data_dir,
+                            help="folder of UTF-8 .txt novels (env CORPUS_DIR)")
+    train_args.add_argument("--out-dir", default=run.out_dir,
+                            help="tokenizer.json, train.bin, val.bin, ckpt.pt and log.csv go here")
+    train_args.add_argument("--vocab-size", type=int, default=model.vocab_size,
+                            help="size of the BPE vocabulary to train (if out-dir has no tokenizer.json)")
+    train_args.add_argument("--block-size", type=int, default=model.block_size, help="context length in tokens")
+    train_args.add_argument("--n-layer", type=int, default=model.n_layer, help="Transformer blocks")
+    train_args.add_argument("--n-head", type=int, default=model.n_head, help="attention heads per block")
+    train_args.add_argument("--n-embd", type=int, default=model.n_embd, help="embedding (residual stream) width")
+    train_args.add_argument("--dropout", type=float, default=model.dropout, help="dropout probability")
+    train_args.add_argument("--batch-size", type=int, default=run.batch_size,
+                            help="sequences per micro-batch, per process")
+    train_args.add_argument("--grad-accum", type=int, default=run.grad_accum, help="micro-batches per step")
+    train_args.add_argument("--lr", type=float, default=run.lr, help="peak learning rate")
+    train_args.add_argument("--warmup-iters", type=int, default=run.warmup_iters, help="steps of linear warmup")
+    train_args.add_argument("--max-iters", type=int, default=run.max_iters, help="optimizer steps in the run")
+    train_args.add_argument("--lr-decay-iters", type=int, default=None,
+                            help="step where the cosine decay reaches lr/10 (default: max-iters)")
+    train_args.add_argument("--weight-decay", type=float, default=run.weight_decay,
+                            help="AdamW weight decay on weight matrices")
+    train_args.add_argument("--grad-clip", type=float, default=run.grad_clip, help="max gradient norm (0: off)")
+    train_args.add_argument("--eval-interval", type=int, default=run.eval_interval,
+                            help="steps between evaluations and checkpoints")
+    train_args.add_argument("--eval-iters", type=int, default=run.eval_iters, help="batches per split per evaluation")
+    train_args.add_argument("--log-interval", type=int, default=run.log_interval, help="steps between progress lines")
+    train_args.add_argument("--max-time", type=parse_duration, default=run.max_time,
+                            help="stop cleanly after this much time, e.g. 90s, 30m, 1h (default: no limit)")
+    train_args.add_argument("--seed", type=int, default=run.seed, help="random seed")
+    train_args.add_argument("--device", default=run.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    train_args.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train_args.add_argument("--resume", action="store_true", help="continue the run saved in out-dir")
+    train_args.set_defaults(run=cmd_train)
+
+    sample_args = commands.add_parser("sample", help="generate text", formatter_class=HelpFormatter)
+    sample_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
+    prompt = sample_args.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text to continue (default: start a new document)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    sample_args.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
+    sample_args.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
+    sample_args.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only (default: all)")
+    sample_args.add_argument("--top-p", type=float,
+                             help="sample from the likeliest tokens holding this probability (default: all)")
+    sample_args.add_argument("--num-samples", type=int, default=1, help="how many samples")
+    sample_args.add_argument("--seed", type=int, default=1337, help="random seed")
+    sample_args.add_argument("--no-cache", action="store_true", help="generate without the KV-cache (slower)")
+    sample_args.add_argument("--ignore-eot", action="store_true",
+                             help="go on past <|endoftext|> instead of stopping there")
+    sample_args.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    sample_args.set_defaults(run=cmd_sample)
+
+    eval_args = commands.add_parser("eval", help="loss and bits per character of a checkpoint",
+                                    formatter_class=HelpFormatter)
+    eval_args.add_argument("--data", default=run.data_dir, help="corpus whose validation split to score")
+    eval_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
+    eval_args.add_argument("--text", help="score this UTF-8 text file instead of the validation split")
+    eval_args.add_argument("--batch-size", type=int, default=run.batch_size, help="windows per forward pass")
+    eval_args.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    eval_args.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv=None):
+    """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

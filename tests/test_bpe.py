@@ -1,0 +1,312 @@
+"""Tests of bpe.py: the trainers, the tokenizer, the corpus, the command line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bpe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RUSSIAN = (
+    "Поезд пришёл в город поздно вечером. На перроне было пусто, только старый "
+    "носильщик курил у фонаря и смотрел на снег.\n"
+    "— Вы к кому? — спросил он, не вынимая трубки изо рта.\n"
+    "— К сестре, — ответила она. — Она живёт на Садовой улице, в доме номер 12.\n"
+    "Он кивнул, взял чемодан и пошёл вперёд, не оглядываясь. Снег падал и падал, "
+    "и фонари горели жёлтым светом, и где-то далеко лаяла собака.\r\n"
+)
+MIXED = (
+    "Mixed scripts: English words, don't and we'll; 数字 and 漢字; emoji 🙂👍🏽; "
+    "e\u0301 with a combining accent; tabs\tand  runs   of spaces; control \x00\x1b chars; "
+    "числа 3.14159 и 2026 год.\n\n\n"
+)
+SAMPLE = RUSSIAN * 3 + MIXED
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe.Tokenizer.train([SAMPLE], 400)
+
+
+# -- the trainers ----------------------------------------------------------------
+
+
+def test_reference_trainer_on_a_worked_example():
+    # "aaab" x 1 and "ab" x 2: pairs (a,a):2, (a,b):3 -> merge (a,b) into 256 first.
+    a, b = ord("a"), ord("b")
+    merges = bpe.train_reference({"aaab": 1, "ab": 2}, 3)
+    assert merges[0] == (a, b)
+    # then "aa256": (a,a):1, (a,256):1 tie -> the smaller pair (a, a) wins.
+    assert merges[1] == (a, a)
+    assert merges[2] == (257, 256)
+
+
+def test_ties_go_to_the_smallest_pair():
+    # Every pair occurs once: the smallest (first id, then second) wins.
+    merges = bpe.train_reference({"dc": 1, "ba": 1, "bc": 1}, 1)
+    assert merges == [(ord("b"), ord("a"))]
+    assert bpe.train_fast({"dc": 1, "ba": 1, "bc": 1}, 1) == merges
+
+
+small_corpora = st.dictionaries(
+    st.text(alphabet="aab ёжЖ🙂", min_size=1, max_size=12), st.integers(1, 5), min_size=1, max_size=30
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunk_counts=small_corpora, n_merges=st.integers(0, 40))
+def test_fast_trainer_learns_the_reference_merges(chunk_counts, n_merges):
+    assert bpe.train_fast(chunk_counts, n_merges) == bpe.train_reference(chunk_counts, n_merges)
+
+
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(st.text(alphabet="абв гд.,\n", max_size=80), min_size=1, max_size=4),
+       vocab_size=st.integers(257, 330))
+def test_fast_and_reference_tokenizers_give_the_same_ids(texts, vocab_size):
+    chunk_counts = bpe.count_chunks(texts)
+    fast = bpe.Tokenizer.train(texts, vocab_size)
+    reference = bpe.Tokenizer(bpe.train_reference(chunk_counts, vocab_size - 257))
+    for text in texts:
+        assert fast.encode(text) == reference.encode(text)
+
+
+def test_training_compresses_and_stops_when_nothing_is_left_to_merge():
+    tok = bpe.Tokenizer.train(["абв абв"], 1000)
+    assert tok.vocab_size < 1000  # only a handful of distinct pairs exist
+    assert len(tok.encode("абв абв")) == 2  # "абв" and " абв"
+
+
+@pytest.mark.parametrize("vocab_size", [0, 256, 2**16 + 1])
+def test_impossible_vocab_size_is_refused(vocab_size):
+    with pytest.raises(ValueError, match="vocab_size must be between"):
+        bpe.Tokenizer.train(["text"], vocab_size)
+
+
+# -- encoding and decoding --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Привет, мир!", "数字と漢字", "🙂👍🏽👨‍👩‍👧", "e\u0301\u0302", "\x00\x01\x1b\x7f", "a\r\nb\r\n",
+     "   \n\n\t  x  ", "<|endoftext|>", RUSSIAN, MIXED],
+)
+def test_round_trip_examples(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=300))
+def test_round_trip_any_unicode(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.eot_id not in ids  # special tokens never come from ordinary text
+    assert sum(tok.char_counts()[i] for i in ids) == len(text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_decode_never_crashes_on_valid_ids(tok, data):
+    ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=50))
+    assert isinstance(tok.decode(ids), str)  # broken UTF-8 becomes U+FFFD
+
+
+def test_merges_compress_the_training_text(tok):
+    assert len(tok.encode(RUSSIAN)) < len(RUSSIAN.encode("utf-8")) / 3
+
+
+def test_special_tokens(tok):
+    assert tok.eot_id == tok.vocab_size - 1
+    assert tok.decode([tok.eot_id]) == bpe.EOT
+    assert tok.eot_id not in tok.encode(f"one{bpe.EOT}two")
+
+
+@pytest.mark.parametrize("bad_id", [-1, 400, 10**9])
+def test_out_of_range_id_is_a_clear_error(tok, bad_id):
+    with pytest.raises(ValueError, match=f"token id {bad_id} is out of range"):
+        tok.decode([1, bad_id])
+
+
+def test_encoding_with_a_warm_cache_gives_the_same_ids(tok):
+    first = tok.encode(SAMPLE)
+    assert tok.encode(SAMPLE) == first
+    fresh = bpe.Tokenizer(tok.merges)
+    assert fresh.encode(SAMPLE) == first
+
+
+# -- saving and loading ------------------------------------------------------------
+
+
+def test_save_and_load_encode_identically(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    loaded = bpe.Tokenizer.load(path)
+    assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert loaded.fingerprint == tok.fingerprint
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["vocab_size"] == tok.vocab_size == len(data["token2id"]) == len(data["id2token"])
+    assert data["token2id"][bpe.EOT] == tok.eot_id
+    assert {k: v for v, k in data["token2id"].items()} == {int(k): v for k, v in data["id2token"].items()}
+
+
+def test_fingerprint_tells_tokenizers_apart(tok):
+    assert bpe.Tokenizer(tok.merges[:-1]).fingerprint != tok.fingerprint
+
+
+def corrupt_merges(text):
+    data = json.loads(text)
+    data["merges"][5] = [1, 2]
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda text: text[: len(text) // 2], "truncated or corrupt"),
+        (lambda text: "\xff\xfe garbage", "truncated or corrupt"),
+        (corrupt_merges, "do not agree"),
+        (lambda text: json.dumps({"model": {"type": "BPE"}, "version": "1.0"}), "not a tokenizer written by bpe.py"),
+        (lambda text: "[1, 2, 3]", "not a tokenizer written by bpe.py"),
+    ],
+)
+def test_bad_tokenizer_files_are_refused(tok, tmp_path, damage, message):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    path.write_text(damage(path.read_text(encoding="utf-8")), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        bpe.Tokenizer.load(path)
+
+
+def test_missing_tokenizer_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer at"):
+        bpe.Tokenizer.load(tmp_path / "nope.json")
+
+
+# -- the corpus --------------------------------------------------------------------
+
+
+def write_corpus(folder, texts):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (folder / name).write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return folder
+
+
+NOVELS = {f"novel_{i}.txt": f"Глава {i}.\r\n" + RUSSIAN * (i + 1) for i in range(6)}
+
+
+def test_read_corpus_normalises_and_drops_duplicates(tmp_path):
+    folder = write_corpus(tmp_path / "c", {**NOVELS, "z_copy_of_novel_2.txt": NOVELS["novel_2.txt"], "notes.md": "x"})
+    docs = bpe.read_corpus(folder)
+    assert [name for name, _ in docs] == sorted(NOVELS)
+    assert all("\r" not in text for _, text in docs)
+
+
+def test_split_is_by_whole_novel_and_ignores_listing_order():
+    docs = [(f"n{i}.txt", f"text {i}") for i in range(40)]
+    train, val = bpe.split_corpus(docs)
+    assert len(val) == 2 and len(train) == 38
+    assert not {n for n, _ in train} & {n for n, _ in val}
+    assert bpe.split_corpus(docs[::-1]) == (train, val)
+    assert len(bpe.split_corpus(docs[:2])[1]) == 1
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing", "no corpus at .*data/download.py.*--data DIR"),
+        (lambda d: write_corpus(d / "empty", {}), "has no .txt files"),
+        (lambda d: write_corpus(d / "latin1", {"a.txt": "ok", "b.txt": "Привет".encode("cp1251")}), "b.txt is not UTF-8"),
+        (lambda d: write_corpus(d / "blank", {"a.txt": "ok", "b.txt": " \n"}), "b.txt is empty"),
+    ],
+)
+def test_bad_corpus_gives_a_clear_error(tmp_path, make, message):
+    with pytest.raises((ValueError, OSError), match=message):
+        bpe.read_corpus(make(tmp_path))
+
+
+def test_one_document_is_not_enough(tmp_path):
+    with pytest.raises(ValueError, match="at least two documents"):
+        bpe.split_corpus(bpe.read_corpus(write_corpus(tmp_path / "one", {"a.txt": "текст"})))
+
+
+def read_ids(path):
+    from array import array
+
+    ids = array("H", Path(path).read_bytes())
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return list(ids)
+
+
+def test_prepare_corpus_writes_token_arrays_and_reuses_them(tmp_path):
+    data = write_corpus(tmp_path / "c", NOVELS)
+    tok, train_path, val_path = bpe.prepare_corpus(data, tmp_path / "out", 300, log=lambda *_: None)
+    assert tok.vocab_size == 300 and (tmp_path / "out" / "tokenizer.json").exists()
+    train_docs, val_docs = bpe.split_corpus(bpe.read_corpus(data))
+    for path, docs in ((train_path, train_docs), (val_path, val_docs)):
+        ids = read_ids(path)
+        assert ids.count(tok.eot_id) == len(docs) and ids[0] == tok.eot_id
+        assert tok.decode(ids) == "".join(bpe.EOT + text for _, text in docs)
+    mtime = train_path.stat().st_mtime_ns
+    again, train_again, _ = bpe.prepare_corpus(data, tmp_path / "out", log=lambda *_: None)
+    assert again.fingerprint == tok.fingerprint and train_again.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="has a vocabulary of 300, not 500"):
+        bpe.prepare_corpus(data, tmp_path / "out", 500)
+
+
+def test_parallel_encoding_equals_serial(tok, monkeypatch):
+    texts = [SAMPLE * 3, RUSSIAN, MIXED * 2]
+    serial = list(bpe.parallel_encode(tok, texts))
+    monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)
+    assert bpe._worker_count(texts) == min(3, os.cpu_count())
+    assert list(bpe.parallel_encode(tok, texts)) == serial
+    assert bpe.parallel_count_chunks(texts) == bpe.count_chunks(texts)
+
+
+# -- the command line --------------------------------------------------------------
+
+
+def run_bpe(*args):
+    return subprocess.run([sys.executable, str(ROOT / "bpe.py"), *map(str, args)],
+                          capture_output=True, text=True, encoding="utf-8")
+
+
+def test_command_line_train_encode_decode(tmp_path):
+    data = write_corpus(tmp_path / "c", NOVELS)
+    out = tmp_path / "tok.json"
+    trained = run_bpe("train", "--vocab-size", 300, "--data", data, "--out", out)
+    assert trained.returncode == 0, trained.stderr
+    assert "vocabulary 300" in trained.stdout and "characters per token" in trained.stdout
+    encoded = run_bpe("encode", "--tokenizer", out, "Снег падал")
+    assert encoded.returncode == 0, encoded.stderr
+    ids = encoded.stdout.splitlines()[0].split()
+    assert "   208  '\\xd0'\n" in encoded.stdout  # half of "С": a byte, not a character
+    assert " 'н'\n" in encoded.stdout
+    decoded = run_bpe("decode", "--tokenizer", out, *ids)
+    assert decoded.stdout == "Снег падал\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/t.json"], "error: no corpus at"),
+        (["encode", "--tokenizer", "{tmp}/missing.json", "x"], "error: no tokenizer at"),
+        (["decode", "--tokenizer", "{tok}", "999999"], "error: token id 999999 is out of range"),
+        (["train", "--vocab-size", "10", "--data", "{data}", "--out", "{tmp}/t.json"], "error: vocab_size must be"),
+    ],
+)
+def test_command_line_errors_are_one_line(tok, tmp_path, args, message):
+    tok.save(tmp_path / "tok.json")
+    data = write_corpus(tmp_path / "c", {"a.txt": "один", "b.txt": "два"})
+    args = [a.format(tmp=tmp_path, tok=tmp_path / "tok.json", data=data) for a in args]
+    result = run_bpe(*args)
+    assert result.returncode == 1
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
