@@ -231,24 +231,44 @@ def bytes_to_unicode():
 
 
 BYTE_STAND_INS = bytes_to_unicode()
+STAND_IN_BYTES = {c: b for b, c in BYTE_STAND_INS.items()}
+
+
+def piece_to_bytes(piece):
+    """Inverse of the stand-ins: a token string from a vocabulary file -> bytes."""
+    try:
+        return bytes(STAND_IN_BYTES[c] for c in piece)
+    except KeyError as e:
+        raise ValueError(f"token {piece!r} has a character ({e.args[0]!r}) that stands for no byte") from None
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer: ids 0..255 are the bytes, id 256 + i is the
-    i-th merge, and the special tokens (here <|endoftext|>) come last."""
+    """A byte-level BPE tokenizer: a vocabulary of byte strings (each of the 256
+    bytes, one token per merge), the merges in the order they were learned, and
+    special tokens (here <|endoftext|>) that stand outside the merges.
 
-    def __init__(self, merges, special_tokens=(EOT,), pattern=GPT2_PATTERN):
+    Tokenizers trained here number the bytes 0..255, merge i 256 + i and the
+    special tokens last; GPT-2's files number the bytes otherwise. So the byte
+    and merge ids are looked up in `vocab` ({id: bytes}), never computed."""
+
+    def __init__(self, merges, special_tokens=None, pattern=GPT2_PATTERN, vocab=None):
         self.merges = [tuple(pair) for pair in merges]
+        self.vocab = vocab or numbered_vocab(self.merges)
+        self.special_tokens = {EOT: len(self.vocab)} if special_tokens is None else special_tokens
         self.pattern = pattern
         self._compiled = regex.compile(pattern)
-        # Each token's bytes: a merged token is its two parts, concatenated.
-        self._bytes = [bytes([b]) for b in range(256)]
-        for a, b in self.merges:
-            self._bytes.append(self._bytes[a] + self._bytes[b])
-        self.special_tokens = {name: len(self._bytes) + i for i, name in enumerate(special_tokens)}
-        for name in special_tokens:
-            self._bytes.append(name.encode("utf-8"))
-        # For encoding, merges keyed like the fast trainer's pairs: "ab" -> rank.
+        tokens = {**self.vocab, **{id: name.encode("utf-8") for name, id in self.special_tokens.items()}}
+        if sorted(tokens) != list(range(len(self.vocab) + len(self.special_tokens))):
+            raise ValueError("token ids must be 0, 1, 2, ... with no gap and no id given twice")
+        self._bytes = [tokens[id] for id in range(len(tokens))]  # id -> the bytes it stands for
+        # Encoding works on strings of chr(id), as the fast trainer does: each
+        # byte's id, each merge as "ab" (its two ids) -> rank and the merged id.
+        id_of = {token: id for id, token in self.vocab.items()}
+        try:
+            self._byte_ids = {b: chr(id_of[bytes([b])]) for b in range(256)}
+            self._merged = [chr(id_of[self.vocab[a] + self.vocab[b]]) for a, b in self.merges]
+        except KeyError as e:
+            raise ValueError(f"the vocabulary lacks the byte or merged token {e.args[0]!r}") from None
         self._pairs = [chr(a) + chr(b) for a, b in self.merges]
         self._ranks = {pair: rank for rank, pair in enumerate(self._pairs)}
         self._cache = {}
@@ -264,6 +284,40 @@ class Tokenizer:
         if log and len(merges) < n_merges:
             log(f"the text has only {len(merges)} distinct merges; vocabulary is {257 + len(merges)}")
         return cls(merges)
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """GPT-2's tokenizer files, vocab.json ({token: id}) and merges.txt (one
+        merge "a b" per line, in rank order), as Hugging Face publishes them.
+        A token that is neither a byte nor made by a merge is special."""
+        folder = Path(folder)
+        try:
+            token2id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: a GPT-2 tokenizer is vocab.json + merges.txt") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{folder}/vocab.json is not a GPT-2 vocabulary ({e})") from None
+        pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+        if not isinstance(token2id, dict) or any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"{folder} holds no GPT-2 tokenizer: vocab.json must map tokens to ids, "
+                             f"each line of merges.txt be two tokens")
+        try:
+            merges = [(token2id[a], token2id[b]) for a, b in pairs]
+        except KeyError as e:
+            raise ValueError(f"{folder}/merges.txt names {e.args[0]!r}, which vocab.json lacks") from None
+        made = set(BYTE_STAND_INS.values()) | {a + b for a, b in pairs}
+        vocab = {id: piece_to_bytes(piece) for piece, id in token2id.items() if piece in made}
+        special = {piece: id for piece, id in token2id.items() if piece not in made}
+        return cls(merges, special, GPT2_PATTERN, vocab)
+
+    def save_pretrained(self, folder):
+        """Write vocab.json and merges.txt, the files `from_pretrained` reads."""
+        folder = Path(folder)
+        token2id = self.to_dict()["token2id"]
+        write_atomically(folder / "vocab.json", json.dumps(token2id, ensure_ascii=False).encode("utf-8"))
+        merges = [f"{self._stand_in(a)} {self._stand_in(b)}" for a, b in self.merges]
+        write_atomically(folder / "merges.txt", "\n".join(["#version: 0.2", *merges, ""]).encode("utf-8"))
 
     @property
     def vocab_size(self):
@@ -285,13 +339,13 @@ class Tokenizer:
     def _encode_chunk(self, chunk):
         """Apply the merges to one chunk: again and again, merge (everywhere in
         the chunk) the pair that was learned earliest, until none is left."""
-        symbols = chunk.encode("utf-8").decode("latin-1")  # character k = id of byte k
+        symbols = chunk.encode("utf-8").decode("latin-1").translate(self._byte_ids)
         while len(symbols) > 1:
             pairs = map(add, symbols, symbols[1:])  # "ab", "bc", ...
             rank = min(map(self._ranks.get, pairs, repeat(NO_RANK)))
             if rank == NO_RANK:
                 break
-            symbols = symbols.replace(self._pairs[rank], chr(256 + rank))
+            symbols = symbols.replace(self._pairs[rank], self._merged[rank])
         return [ord(s) for s in symbols]
 
     # -- decoding --------------------------------------------------------------
@@ -337,15 +391,14 @@ class Tokenizer:
         }
 
     def _stand_in(self, id):
-        if id in self.special_tokens.values():
-            return self._bytes[id].decode("utf-8")
-        return "".join(BYTE_STAND_INS[b] for b in self._bytes[id])
+        if id in self.vocab:
+            return "".join(BYTE_STAND_INS[b] for b in self._bytes[id])
+        return self._bytes[id].decode("utf-8")  # a special token, written as itself
 
     @property
     def fingerprint(self):
         """A hash of everything that decides the ids: checkpoints store it."""
-        identity = {k: self.to_dict()[k] for k in ("pattern", "special_tokens", "merges")}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
     def save(self, path):
         """Write tokenizer.json (atomically: a temp file, then a rename)."""
@@ -363,14 +416,23 @@ class Tokenizer:
         if not isinstance(data, dict) or data.get("format") != "bpe.py byte-level BPE":
             raise ValueError(f"{path} is not a tokenizer written by bpe.py")
         try:
-            specials = sorted(data["special_tokens"], key=data["special_tokens"].get)
-            tok = cls(data["merges"], specials, data["pattern"])
+            specials = data["special_tokens"]
+            vocab = {int(id): piece_to_bytes(piece) for id, piece in data["id2token"].items() if piece not in specials}
+            tok = cls(data["merges"], specials, data["pattern"], vocab)
             ok = tok.to_dict() == data
         except (KeyError, TypeError, ValueError, IndexError, regex.error):
             ok = False
         if not ok:
             raise ValueError(f"{path} is corrupt: its merges, vocabulary and ids do not agree")
         return tok
+
+
+def numbered_vocab(merges):
+    """{id: bytes} as this project numbers it: bytes first, then the merges."""
+    vocab = {b: bytes([b]) for b in range(256)}
+    for a, b in merges:
+        vocab[len(vocab)] = vocab[a] + vocab[b]
+    return vocab
 
 
 def to_json_lines(data):

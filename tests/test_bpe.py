@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,51 @@ def test_bad_tokenizer_files_are_refused(tok, tmp_path, damage, message):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer at"):
         bpe.Tokenizer.load(tmp_path / "nope.json")
+
+
+def test_gpt2_format_round_trip(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
+    loaded = bpe.Tokenizer.from_pretrained(tmp_path)
+    assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert loaded.special_tokens == tok.special_tokens
+
+
+def test_gpt2_format_with_bytes_numbered_otherwise(tok, tmp_path):
+    # GPT-2 does not give byte b the id b: renumber the bytes, keep the rest.
+    shuffled = list(range(256))
+    random.Random(0).shuffle(shuffled)
+    new_id = {old: new for old, new in zip(range(256), shuffled)}
+    piece = json.loads(json.dumps(tok.to_dict()))["id2token"]
+    vocab = {p: new_id.get(int(i), int(i)) for i, p in piece.items()}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merges = [f"{piece[str(a)]} {piece[str(b)]}" for a, b in tok.merges]
+    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    loaded = bpe.Tokenizer.from_pretrained(tmp_path)
+    assert loaded.encode(SAMPLE) == [new_id.get(i, i) for i in tok.encode(SAMPLE)]
+    assert loaded.decode(loaded.encode(SAMPLE)) == SAMPLE
+    assert loaded.eot_id == tok.eot_id
+
+
+@pytest.mark.parametrize(
+    "vocab, merges, message",
+    [
+        (None, "a b\n", "lacks vocab.json"),
+        ({"a": 0}, None, "lacks merges.txt"),
+        ("[1, 2", "", "is not a GPT-2 vocabulary"),
+        ([1, 2], "", "holds no GPT-2 tokenizer"),
+        ({"a": 97, "b": 98}, "a b c\n", "holds no GPT-2 tokenizer"),
+        ({"a": 97, "b": 98}, "a z\n", "names 'z', which vocab.json lacks"),
+    ],
+)
+def test_bad_gpt2_files(tmp_path, vocab, merges, message):
+    if vocab is not None:
+        text = vocab if isinstance(vocab, str) else json.dumps(vocab)
+        (tmp_path / "vocab.json").write_text(text, encoding="utf-8")
+    if merges is not None:
+        (tmp_path / "merges.txt").write_text(merges, encoding="utf-8")
+    with pytest.raises((ValueError, OSError), match=message):
+        bpe.Tokenizer.from_pretrained(tmp_path)
 
 
 # -- the corpus --------------------------------------------------------------------
