@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import regex
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bpe  # noqa: E402
 
@@ -63,6 +65,13 @@ def ours_encode(tok_dict, texts):
 # -- Hugging Face tokenizers ------------------------------------------------------
 
 
+def lines_of(texts):
+    """The texts cut into lines, its fastest input, but only after a line that
+    ends in a letter or mark and before one that starts with one, where GPT-2's
+    pattern always cuts anyway: both tokenizers then see the same chunks."""
+    return [line for text in texts for line in regex.split(r"(?<=\S\n)(?=\S)", text)]
+
+
 def hf_train(texts, vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -75,7 +84,7 @@ def hf_train(texts, vocab_size):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(lines_of(texts), trainer)
     return tok.to_str()
 
 
@@ -93,8 +102,7 @@ def hf_from_ours(tok_dict):
 
 def hf_encode(tok_dict, texts):
     tok = hf_from_ours(tok_dict)
-    lines = [line for text in texts for line in text.splitlines(keepends=True)]
-    return sum(len(e.ids) for e in tok.encode_batch(lines))
+    return sum(len(e.ids) for e in tok.encode_batch(lines_of(texts)))
 
 
 def chars_per_token(encode, texts):
