@@ -3,10 +3,10 @@ GPT-2 from scratch: the model, its data, training, sampling and command line in 
 
 GPT-2 (Radford, Wu, Child, Luan, Amodei and Sutskever, 2019, "Language Models are
 Unsupervised Multitask Learners") is a decoder-only Transformer trained to predict
-the next token of text. It keeps GPT-1's design (Radford et al., 2018): a token
-embedding plus a learned position embedding, a stack of blocks of masked multi-head
-self-attention and a GELU feed-forward network, and an output head tied to the
-token embedding. What GPT-2 changed:
+the next token of text. It keeps GPT-1's design (Radford et al., 2018, gpt1.py): a
+token embedding plus a learned position embedding, a stack of blocks of masked
+multi-head self-attention and a feed-forward network, and an output head tied to
+the token embedding. What changes from gpt1.py:
 
   - Pre-LN. Each sub-block normalises its input and adds its output to an untouched
     residual stream, x + Attn(LN(x)), where GPT-1 normalised the sum,
@@ -16,7 +16,9 @@ token embedding. What GPT-2 changed:
     1/sqrt(2 * n_layer) smaller, so the stream's variance does not grow with depth.
   - Scale. Byte-level BPE (any text, no unknown token), a 1024-token context, more
     and wider layers. Here: our own BPE (bpe.py) and a model sized for a CPU.
-  - GELU, in the tanh approximation, as in GPT-1; written out below.
+  - GELU instead of ReLU in the feed-forward network, in the tanh approximation,
+    written out below. (gpt1.py keeps the classic Transformer's ReLU; the GPT-1
+    paper itself already used GELU.)
 
 Beyond the paper, generation keeps a KV-cache: the keys and values of the tokens
 seen so far, so that each new token costs one position's work, not the context's.
@@ -89,9 +91,9 @@ class TrainConfig:
     out_dir: str = f"checkpoints/{MODEL}"  # tokenizer.json, train/val.bin, ckpt.pt, log.csv
     batch_size: int = 32  # sequences per micro-batch (per process under torchrun)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3  # peak learning rate, reached at the end of warmup
-    warmup_iters: int = 30  # steps of linear warmup from lr/warmup_iters to lr
-    max_iters: int = 700  # optimizer steps in the whole run
+    lr: float = 3e-3  # peak learning rate, reached at the end of warmup
+    warmup_iters: int = 200  # steps of linear warmup from lr/warmup_iters to lr
+    max_iters: int = 900  # optimizer steps in the run: about 30 minutes on 2 CPU cores
     lr_decay_iters: int | None = None  # step where the cosine reaches lr/10 (None: max_iters)
     weight_decay: float = 0.1  # AdamW's decoupled weight decay, on weight matrices only
     grad_clip: float = 1.0  # clip the gradient's global norm to this (0: no clipping)
@@ -101,6 +103,7 @@ class TrainConfig:
     max_time: float | None = None  # stop cleanly (and save) after this many seconds
     seed: int = 1337  # for the initial weights, dropout and the batches
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # matmul precision: bfloat16, float32, or auto (bfloat16 where the hardware has it)
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue from out_dir/ckpt.pt
 
@@ -119,10 +122,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_time is not None and not self.max_time > 0:
             raise ValueError(f"max_time must be positive, got {self.max_time}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
 
 
 # -----------------------------------------------------------------------------
 # Model
+
+# Normalisation is torch's nn.LayerNorm, GPT-2's: over each position's n_embd
+# features, subtract the mean, divide by the standard deviation (eps 1e-5), then
+# scale and shift by learned weight and bias.
 
 # The fused kernels below compute exactly what the written-out gelu() and
 # attention() compute, only faster and in less memory. The tests switch this off
@@ -439,8 +448,8 @@ def configure_optimizer(model, cfg, device):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # betas (0.9, 0.95): GPT-3's, a shorter memory of the squared gradient than
-    # the default 0.999 suits noisy small-batch steps.
+    # betas (0.9, 0.95), GPT-3's: a shorter memory of the squared gradient than
+    # the default 0.999 reacts sooner when the gradient's scale changes.
     fused = device.type in ("cuda", "cpu")  # one kernel per step for all parameters
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
@@ -457,8 +466,29 @@ def get_lr(step, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
+def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank=0, world_size=1):
+    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss.
+    Under DistributedDataParallel the gradients are averaged across processes on
+    the last micro-batch only: the others skip that exchange (no_sync)."""
+    total = 0.0
+    for micro_step in range(cfg.grad_accum):
+        x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        syncing = micro_step == cfg.grad_accum - 1 or not isinstance(model, DistributedDataParallel)
+        with nullcontext() if syncing else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        total += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 @torch.no_grad()
-def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
+def evaluate(model, batches, char_counts, device, autocast=None):
     """Mean loss per token (nats) and bits per character over batches of (x, y).
 
     Bits per character = total nats / ln 2 / characters of the targets' text:
@@ -470,7 +500,7 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast:
+        with autocast or nullcontext():
             logits, _ = model(x)
         totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         totals[1] += y.numel()
@@ -487,7 +517,6 @@ def save_checkpoint(path, model, optimizer, step, tok, batch_generator):
     states (dropout, batches), the config as a plain dict and the tokenizer's
     fingerprint. Written to a temporary file beside it, then renamed over it, so
     that a crash leaves the old checkpoint or the new one, never half of one."""
-    path = Path(path)
     checkpoint = {
         "model": MODEL,
         "config": asdict(model.config),
@@ -510,12 +539,11 @@ def save_checkpoint(path, model, optimizer, step, tok, batch_generator):
 def load_checkpoint(path):
     """A checkpoint written by save_checkpoint, checked; anything else is refused
     with one sentence that says what is wrong."""
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one first with `python gpt2.py train`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated zip, foreign pickle, ...: each fails in its own way
+    except Exception:  # a truncated zip, a foreign pickle, ...: each fails in its own way
         raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint written by gpt2.py")
@@ -541,22 +569,24 @@ def model_from_checkpoint(checkpoint, path):
 
 
 def check_tokenizer(checkpoint, tok, path):
+    """Token ids mean nothing with another tokenizer: refuse the mix."""
     if checkpoint["tokenizer"] != tok.fingerprint:
         raise ValueError(f"{path} was trained with another tokenizer than {path.parent / 'tokenizer.json'}")
 
 
-def parse_duration(text):
-    """'90s', '30m', '1.5h' or a bare number of seconds -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", text)
-    if not match or float(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m or 1h")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
-
-
-def format_duration(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+def resume(checkpoint, path, model, optimizer, batch_generator):
+    """Load a run's state from its checkpoint; return the step to continue from."""
+    theirs, ours = checkpoint["config"], asdict(model.config)
+    if theirs != ours:
+        differ = ", ".join(f"{k}={theirs.get(k)} (asked: {v})" for k, v in ours.items() if theirs.get(k) != v)
+        raise ValueError(f"{path} has another model shape: {differ}; give the same flags to resume")
+    model.load_state_dict(model_from_checkpoint(checkpoint, path).state_dict())
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    batch_generator.set_state(checkpoint["rng"]["batches"])
+    if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    return checkpoint["step"]
 
 
 def pick_device(name, local_rank=0):
@@ -576,32 +606,39 @@ def pick_device(name, local_rank=0):
     return device
 
 
+def mixed_precision(device, dtype):
+    """The autocast context for training: matrix products in bfloat16, while the
+    weights, the optimizer and the reductions (softmax, norms, loss) stay float32.
+    bfloat16 has float32's exponent range, so unlike float16 it needs no loss
+    scaling. auto takes it where the hardware computes it natively: CUDA GPUs
+    since Ampere, CPUs with AVX512-BF16 or AMX (1.5x float32's speed on a 2-core
+    AVX512-BF16 machine); elsewhere it is emulated, slower than float32. On CUDA,
+    float32 matmuls use TF32 either way: float32's range, about 8x the speed."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        native = {
+            "cuda": lambda: torch.cuda.is_bf16_supported(including_emulation=False),
+            "cpu": lambda: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+        }
+        dtype = "bfloat16" if device.type in native and native[device.type]() else "float32"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
 def prepare_data(cfg, vocab_size, rank, log):
     """bpe.prepare_corpus: the tokenizer and the encoded splits, made once and
-    cached in out_dir. Under torchrun, process 0 makes them while the others wait,
-    then the others load what it made."""
+    cached in out_dir. A tokenizer already there is kept, whatever its size: the
+    model takes its vocabulary from the tokenizer. Under torchrun, process 0 makes
+    them while the others wait, then the others load what it made."""
     if rank != 0:
         dist.barrier()
+    if (Path(cfg.out_dir) / "tokenizer.json").exists():
+        vocab_size = None
     tok, train_path, val_path = bpe.prepare_corpus(cfg.data_dir, cfg.out_dir, vocab_size, log=log)
     if rank == 0 and dist.is_initialized():
         dist.barrier()
     return tok, load_tokens(train_path), load_tokens(val_path)
-
-
-def resume(checkpoint, path, model, optimizer, tok, batch_generator):
-    """Load a run's state from its checkpoint; return the step to continue from."""
-    check_tokenizer(checkpoint, tok, path)
-    if checkpoint["config"] != asdict(model.config):
-        theirs, ours = checkpoint["config"], asdict(model.config)
-        differ = ", ".join(f"{k}={theirs.get(k)} (asked: {v})" for k, v in ours.items() if theirs.get(k) != v)
-        raise ValueError(f"{path} has another model shape: {differ}; give the same flags to resume")
-    model.load_state_dict(model_from_checkpoint(checkpoint, path).state_dict())
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    batch_generator.set_state(checkpoint["rng"]["batches"])
-    if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    return checkpoint["step"]
 
 
 class StopRequest:
@@ -626,142 +663,15 @@ class StopRequest:
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
 
-def train(config, cfg):
-    """Train a GPT of shape `config` on cfg.data_dir, writing to cfg.out_dir; return
-    the model. Under torchrun, one process per device, joined by DistributedDataParallel."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return train_process(config, cfg, device, rank, world_size)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-
-
-def train_process(config, cfg, device, rank, world_size):
-    """The training loop of one process (the only one, without torchrun)."""
-    log = print if rank == 0 else lambda *args, **kwargs: None
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "ckpt.pt"
-    checkpoint = load_checkpoint(ckpt_path) if cfg.resume else None  # fail early if missing
-
-    tok, train_tokens, val_tokens = prepare_data(cfg, config.vocab_size, rank, log)
-    config = replace(config, vocab_size=tok.vocab_size)  # a tiny text may stop BPE early
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= config.block_size:
-            raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = "
-                             f"{config.block_size + 1}: use more text or a smaller --block-size")
-
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, ~8x the speed
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    model = GPT(config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    batch_generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if checkpoint is not None:
-        step = resume(checkpoint, ckpt_path, model, optimizer, tok, batch_generator)
-        log(f"resuming from {ckpt_path} at step {step}")
-    elif ckpt_path.exists():
-        log(f"starting a new run: {ckpt_path} will be overwritten (--resume continues it instead)")
-    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}")
-    log(f"tokens: {len(train_tokens):,} train, {len(val_tokens):,} val; device {device}, {world_size} process(es)")
-
-    trained = torch.compile(model) if cfg.compile else model
-    if world_size > 1:
-        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-    char_counts = torch.tensor(tok.char_counts(), device=device)
-    tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum * world_size
-    csv_log = CsvLog(out_dir / "log.csv", append=checkpoint is not None) if rank == 0 else None
-
-    def evaluate_and_save():
-        splits = {}
-        for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-            generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches every time
-            batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
-                       for _ in range(cfg.eval_iters))
-            splits[split] = evaluate(trained, batches, char_counts, device, autocast)
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
-        return splits
-
-    start = time.time()
-    first_step = step
-    window_start, window_steps = time.time(), 0
-    with StopRequest() as stop:
-        while step < cfg.max_iters:
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(trained, optimizer, train_tokens, cfg, config, batch_generator,
-                              device, autocast, rank, world_size)
-            step += 1
-            window_steps += 1
-            elapsed = time.time() - start
-            out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
-            if agree_to_stop(stop.requested, device):
-                save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator) if rank == 0 else None
-                log(f"interrupted at step {step}: saved {ckpt_path}; `python gpt2.py train --resume` continues")
-                return model
-            tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
-            if step == first_step + 1 or step % cfg.log_interval == 0:
-                log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
-            last = step == cfg.max_iters or agree_to_stop(out_of_time, device)
-            if step % cfg.eval_interval == 0 or last:
-                splits = evaluate_and_save()
-                steps_left = cfg.max_iters - step
-                eta = steps_left * elapsed / (step - first_step)
-                if cfg.max_time is not None:
-                    eta = min(eta, max(0.0, cfg.max_time - elapsed))
-                (train_loss, train_bpc), (val_loss, val_bpc) = splits["train"], splits["val"]
-                log(f"eval step {step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
-                    f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
-                    f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}")
-                if csv_log:
-                    csv_log.write(step=step, lr=lr, train_loss=train_loss, train_bpc=train_bpc, val_loss=val_loss,
-                                  val_bpc=val_bpc, tokens_per_s=round(tokens_per_s), elapsed_s=round(elapsed, 1))
-                window_start, window_steps = time.time(), 0  # tokens/s leaves the evaluation out
-                if last:
-                    if step < cfg.max_iters:
-                        log(f"stopped after --max-time at step {step}; --resume continues")
-                    break
-    log(f"saved {ckpt_path}")
-    return model
-
-
-def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank, world_size):
-    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss.
-    Under DDP, gradients are averaged across processes only on the last micro-batch."""
-    total = 0.0
-    for micro_step in range(cfg.grad_accum):
-        x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        syncing = micro_step == cfg.grad_accum - 1 or not isinstance(model, DistributedDataParallel)
-        with nullcontext() if syncing else model.no_sync():
-            with autocast:
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-        total += loss.detach() / cfg.grad_accum
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-def agree_to_stop(wants_to_stop, device):
-    """Whether to stop now. Under torchrun every process must stop at the same
-    step, or the others would wait forever for its gradients: any one decides."""
+def agree(*flags, device):
+    """Stop flags as every process sees them. Under torchrun all processes must
+    stop at the same step, or the others would wait forever for the gradients of
+    the one that left: a flag raised in any process counts for all."""
     if not dist.is_initialized():
-        return wants_to_stop
-    flag = torch.tensor(float(wants_to_stop), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return flags
+    flags = torch.tensor(flags, dtype=torch.float32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return tuple(bool(flag) for flag in flags.tolist())
 
 
 class CsvLog:
@@ -778,6 +688,135 @@ class CsvLog:
     def write(self, **row):
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self.COLUMNS).writerow(row)
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Trainer:
+    """One process's training run: the data, the model and its optimizer, the
+    random state, and the loop that steps, logs, evaluates and checkpoints."""
+
+    def __init__(self, config, cfg, device, rank=0, world_size=1):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.log = print if rank == 0 else lambda *args, **kwargs: None
+        self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        checkpoint = None
+        if cfg.resume:  # fail before any work
+            checkpoint = load_checkpoint(self.ckpt_path)
+            check_tokenizer(checkpoint, bpe.Tokenizer.load(self.ckpt_path.parent / "tokenizer.json"), self.ckpt_path)
+        self.tok, self.train_tokens, self.val_tokens = prepare_data(cfg, config.vocab_size, rank, self.log)
+        self.config = replace(config, vocab_size=self.tok.vocab_size)  # a tiny text may stop BPE early
+        for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
+            if len(tokens) <= self.config.block_size:
+                raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = "
+                                 f"{self.config.block_size + 1}: use more text or a smaller --block-size")
+
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        self.model = GPT(self.config).to(device)
+        self.optimizer = configure_optimizer(self.model, cfg, device)
+        self.batch_generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        if checkpoint is not None:
+            self.step = resume(checkpoint, self.ckpt_path, self.model, self.optimizer, self.batch_generator)
+            self.log(f"resuming from {self.ckpt_path} at step {self.step}")
+        elif self.ckpt_path.exists():
+            self.log(f"starting a new run: {self.ckpt_path} will be overwritten (--resume continues it instead)")
+
+        self.autocast = mixed_precision(device, cfg.dtype)
+        # What the loop calls: compiled and/or wrapped. self.model stays the plain
+        # GPT, whose state_dict has no _orig_mod. or module. prefixes.
+        self.trained = torch.compile(self.model) if cfg.compile else self.model
+        if world_size > 1:
+            self.trained = DistributedDataParallel(self.trained, device_ids=[device] if device.type == "cuda" else None)
+        self.char_counts = torch.tensor(self.tok.char_counts(), device=device)
+        self.csv_log = CsvLog(Path(cfg.out_dir) / "log.csv", append=checkpoint is not None) if rank == 0 else None
+        precision = "bfloat16 autocast" if isinstance(self.autocast, torch.autocast) else "float32"
+        self.log(f"{MODEL}: {self.model.num_params() / 1e6:.2f}M parameters, {self.config}")
+        self.log(f"tokens: {len(self.train_tokens):,} train, {len(self.val_tokens):,} val | {device}, {precision}, "
+                 f"{world_size} process(es)")
+
+    def run(self):
+        """Step to max_iters, or until --max-time or Ctrl-C; evaluate and save every
+        eval_interval steps and at the end."""
+        cfg = self.cfg
+        if self.step >= cfg.max_iters:
+            self.log(f"{self.ckpt_path} is at step {self.step} already: give a larger --max-iters to go on")
+            return
+        start, first_step = time.time(), self.step
+        window_start, window_steps = start, 0  # for tokens/s, evaluations left out
+        tokens_per_step = cfg.batch_size * self.config.block_size * cfg.grad_accum * self.world_size
+        with StopRequest() as stop:
+            while self.step < cfg.max_iters:
+                lr = get_lr(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = train_step(self.trained, self.optimizer, self.train_tokens, cfg, self.config,
+                                  self.batch_generator, self.device, self.autocast, self.rank, self.world_size)
+                self.step += 1
+                window_steps += 1
+                elapsed = time.time() - start
+                interrupted, out_of_time = agree(stop.requested, cfg.max_time is not None and elapsed > cfg.max_time,
+                                                 device=self.device)
+                if interrupted:
+                    self.save()
+                    self.log(f"interrupted at step {self.step}: saved {self.ckpt_path}; --resume continues")
+                    return
+                tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
+                if self.step == first_step + 1 or self.step % cfg.log_interval == 0:
+                    self.log(f"step {self.step}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                             f"{tokens_per_s:,.0f} tok/s")
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters or out_of_time:
+                    eta = (cfg.max_iters - self.step) * elapsed / (self.step - first_step)
+                    if cfg.max_time is not None:
+                        eta = min(eta, max(0.0, cfg.max_time - elapsed))
+                    self.evaluate_and_save(lr, tokens_per_s, elapsed, eta)
+                    window_start, window_steps = time.time(), 0
+                if out_of_time and self.step < cfg.max_iters:
+                    self.log(f"stopped by --max-time at step {self.step}; --resume continues")
+                    return
+        self.log(f"done: saved {self.ckpt_path}")
+
+    def evaluate_and_save(self, lr, tokens_per_s, elapsed, eta):
+        """Loss and bits per character on both splits (on the same batches each time,
+        so that the numbers compare), one line of report, one CSV row, a checkpoint."""
+        results = []
+        for tokens in (self.train_tokens, self.val_tokens):
+            generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+            batches = (get_batch(tokens, self.cfg.batch_size, self.config.block_size, generator, self.rank,
+                                 self.world_size) for _ in range(self.cfg.eval_iters))
+            results += evaluate(self.trained, batches, self.char_counts, self.device, self.autocast)
+        train_loss, train_bpc, val_loss, val_bpc = results
+        self.log(f"eval step {self.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | val loss {val_loss:.4f}, "
+                 f"{val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {format_duration(elapsed)} | "
+                 f"ETA {format_duration(eta)}")
+        if self.csv_log:
+            self.csv_log.write(step=self.step, lr=lr, train_loss=train_loss, train_bpc=train_bpc, val_loss=val_loss,
+                               val_bpc=val_bpc, tokens_per_s=round(tokens_per_s), elapsed_s=round(elapsed, 1))
+        self.save()
+
+    def save(self):
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.step, self.tok, self.batch_generator)
+
+
+def train(config, cfg):
+    """Train a GPT of shape `config` on cfg.data_dir, writing to cfg.out_dir; return
+    the model. Under torchrun, one process per device, joined by DistributedDataParallel."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        trainer = Trainer(config, cfg, device, rank, world_size)
+        trainer.run()
+        return trainer.model
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -816,7 +855,7 @@ def cmd_sample(args):
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
     prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
-    prompt_ids = tok.encode(prompt) if prompt else [tok.eot_id]  # no prompt: a new document
+    prompt_ids = [tok.eot_id] + tok.encode(prompt)  # a document starts after <|endoftext|>, as in training
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     torch.manual_seed(args.seed)
     n_tokens, start = 0, time.time()
@@ -840,6 +879,39 @@ def cmd_sample(args):
     print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
 
 
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the help says what its absence means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_duration(text):
+    """'90s', '30m', '1.5h' or a bare number of seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def cmd_train(args):
+    """`python gpt2.py train`: the flags become a GPTConfig and a TrainConfig."""
+    config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    train(config, cfg)
+
+
 def cmd_eval(args):
     """`python gpt2.py eval`: loss and bits per character of a checkpoint, on the
     validation novels or on a text file, every token once."""
@@ -859,31 +931,6 @@ def cmd_eval(args):
     print(f"{source}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
-
-    def error(self, message):
-        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where the help says what its absence means."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def cmd_train(args):
-    """`python gpt2.py train`: the flags become a GPTConfig and a TrainConfig."""
-    config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    train(config, cfg)
-
-
 def build_parser():
     parser = ArgumentParser(prog="gpt2.py", description=__doc__.split("\n\n")[0].strip())
     commands = parser.add_subparsers(dest="command", required=True)
@@ -895,12 +942,14 @@ def build_parser():
     train_args.add_argument("--out-dir", default=run.out_dir,
                             help="tokenizer.json, train.bin, val.bin, ckpt.pt and log.csv go here")
     train_args.add_argument("--vocab-size", type=int, default=model.vocab_size,
-                            help="size of the BPE vocabulary to train (if out-dir has no tokenizer.json)")
+                            help="vocabulary of the BPE tokenizer trained if out-dir has none "
+                                 "(an existing tokenizer.json keeps its own)")
     train_args.add_argument("--block-size", type=int, default=model.block_size, help="context length in tokens")
     train_args.add_argument("--n-layer", type=int, default=model.n_layer, help="Transformer blocks")
     train_args.add_argument("--n-head", type=int, default=model.n_head, help="attention heads per block")
     train_args.add_argument("--n-embd", type=int, default=model.n_embd, help="embedding (residual stream) width")
-    train_args.add_argument("--dropout", type=float, default=model.dropout, help="dropout probability")
+    train_args.add_argument("--dropout", type=float, default=model.dropout,
+                            help="dropout probability (0 suits runs shorter than an epoch)")
     train_args.add_argument("--batch-size", type=int, default=run.batch_size,
                             help="sequences per micro-batch, per process")
     train_args.add_argument("--grad-accum", type=int, default=run.grad_accum, help="micro-batches per step")
@@ -920,6 +969,8 @@ def build_parser():
                             help="stop cleanly after this much time, e.g. 90s, 30m, 1h (default: no limit)")
     train_args.add_argument("--seed", type=int, default=run.seed, help="random seed")
     train_args.add_argument("--device", default=run.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    train_args.add_argument("--dtype", default=run.dtype, choices=["auto", "bfloat16", "float32"],
+                            help="precision of the matrix products (auto: bfloat16 where the hardware has it)")
     train_args.add_argument("--compile", action="store_true", help="torch.compile the model")
     train_args.add_argument("--resume", action="store_true", help="continue the run saved in out-dir")
     train_args.set_defaults(run=cmd_train)
@@ -927,8 +978,8 @@ def build_parser():
     sample_args = commands.add_parser("sample", help="generate text", formatter_class=HelpFormatter)
     sample_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
     prompt = sample_args.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="text to continue (default: start a new document)")
-    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    prompt.add_argument("--prompt", help="the start of the text to write (default: none, a blank page)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (default: none)")
     sample_args.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
     sample_args.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
     sample_args.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only (default: all)")
@@ -946,7 +997,7 @@ def build_parser():
                                     formatter_class=HelpFormatter)
     eval_args.add_argument("--data", default=run.data_dir, help="corpus whose validation split to score")
     eval_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
-    eval_args.add_argument("--text", help="score this UTF-8 text file instead of the validation split")
+    eval_args.add_argument("--text", help="score this UTF-8 text file (default: the validation split)")
     eval_args.add_argument("--batch-size", type=int, default=run.batch_size, help="windows per forward pass")
     eval_args.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     eval_args.set_defaults(run=cmd_eval)
