@@ -88,7 +88,7 @@ class TrainConfig:
     out_dir: str = f"checkpoints/{MODEL}"  # tokenizer.json, train/val.bin, ckpt.pt, log.csv
     batch_size: int = 32  # sequences per micro-batch (per process under torchrun)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # peak learning rate, reached at the end of warmup
+    lr: float = 6e-4  # peak learning rate, reached at the end of warmup (Post-LN stalls at gpt2.py's 3e-3)
     warmup_iters: int = 200  # steps of linear warmup from lr/warmup_iters to lr
     max_iters: int = 900  # optimizer steps in the run: about 30 minutes on 2 CPU cores
     lr_decay_iters: int | None = None  # step where the cosine reaches lr/10 (None: max_iters)
@@ -513,8 +513,7 @@ def check_tokenizer(checkpoint, tok, path):
 
 def resume(checkpoint, path, model, optimizer, batch_generator):
     """Load a run's state from its checkpoint; return the step to continue from."""
-    # Fields added to GPTConfig since the checkpoint was written take their defaults.
-    theirs, ours = {**asdict(GPTConfig()), **checkpoint["config"]}, asdict(model.config)
+    theirs, ours = checkpoint["config"], asdict(model.config)
     if theirs != ours:
         differ = ", ".join(f"{k}={theirs.get(k)} (asked: {v})" for k, v in ours.items() if theirs.get(k) != v)
         raise ValueError(f"{path} has another model shape: {differ}; give the same flags to resume")

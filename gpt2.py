@@ -37,6 +37,7 @@ every flag with its default.
 import argparse
 import codecs
 import csv
+import json
 import math
 import os
 import re
@@ -71,6 +72,7 @@ class GPTConfig:
     n_head: int = 8  # attention heads per block
     n_embd: int = 256  # width of the residual stream; each head gets n_embd // n_head
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    norm_eps: float = 1e-5  # added to the variance in LayerNorm, against division by ~0
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -81,6 +83,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
 
 
 @dataclass
@@ -106,6 +110,7 @@ class TrainConfig:
     dtype: str = "auto"  # matmul precision: bfloat16, float32, or auto (bfloat16 where the hardware has it)
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue from out_dir/ckpt.pt
+    init_from: str | None = None  # fine-tune the GPT-2 of this Hugging Face folder (None: from scratch)
 
     def __post_init__(self):
         if self.lr_decay_iters is None:
@@ -130,8 +135,8 @@ class TrainConfig:
 # Model
 
 # Normalisation is torch's nn.LayerNorm, GPT-2's: over each position's n_embd
-# features, subtract the mean, divide by the standard deviation (eps 1e-5), then
-# scale and shift by learned weight and bias.
+# features, subtract the mean, divide by the standard deviation (plus norm_eps,
+# GPT-2's 1e-5), then scale and shift by learned weight and bias.
 
 # The fused kernels below compute exactly what the written-out gelu() and
 # attention() compute, only faster and in less memory. The tests switch this off
@@ -185,9 +190,9 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype):
         head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # one per layer
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
 
     def update(self, layer, k, v):
@@ -195,9 +200,9 @@ class KVCache:
         head_size); return all its keys and values so far (B, n_head, pos + T,
         head_size). GPT.forward advances pos once every layer has stored."""
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -251,9 +256,9 @@ class Block(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None):
@@ -295,7 +300,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (as in GPT-1 and GPT-2): reading a token in and predicting it
@@ -322,6 +327,14 @@ class GPT(nn.Module):
         """Parameters to train; the tied head and token embedding count once."""
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def from_pretrained(cls, folder):
+        """GPT-2 from a Hugging Face model folder: OpenAI's released weights, or
+        what `python gpt2.py export` wrote. See "Pretrained weights" below."""
+        model = cls(config_from_pretrained(Path(folder)))
+        load_pretrained_weights(model, Path(folder))
+        return model.eval()
+
     def forward(self, idx, targets=None, kv_cache=None):
         """Logits (B, T, vocab_size) for the token ids idx (B, T), and, given targets
         (B, T), the mean cross-entropy loss; else None. With a kv_cache, idx are the
@@ -330,8 +343,8 @@ class GPT(nn.Module):
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens do not fit the context of {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, n_embd): positions start, ..., start + T - 1
+        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, n_embd)
         for block in self.transformer.h:
             x = block(x, kv_cache)  # (B, T, n_embd)
         if kv_cache is not None:
@@ -346,7 +359,7 @@ class GPT(nn.Module):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
         return torch.cat([idx, *new], dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad minus autograd's version counters: a small model's step ~15% faster
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Yield max_new_tokens new tokens (B, 1), one at a time, as they are sampled.
 
@@ -717,6 +730,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model = GPT(self.config).to(device)
+        if cfg.init_from and checkpoint is None:  # fine-tuning: start from the released weights
+            load_pretrained_weights(self.model, Path(cfg.init_from))
         self.optimizer = configure_optimizer(self.model, cfg, device)
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -853,7 +868,7 @@ def cmd_sample(args):
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     device = pick_device(args.device)
-    model, tok = load_trained(args.out_dir, device)
+    model, tok = load_pretrained(args.init_from, device) if args.init_from else load_trained(args.out_dir, device)
     prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
     prompt_ids = [tok.eot_id] + tok.encode(prompt)  # a document starts after <|endoftext|>, as in training
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -877,6 +892,236 @@ def cmd_sample(args):
         sys.stdout.write("\n")
     seconds = time.time() - start
     print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights: OpenAI's GPT-2 in, ours out
+#
+# OpenAI released GPT-2's weights; Hugging Face publishes them as the folder most
+# people have on disk: config.json (the shape), model.safetensors or the older
+# pytorch_model.bin (the weights), and vocab.json + merges.txt (the tokenizer,
+# which bpe.Tokenizer.from_pretrained reads). Our module names are that
+# checkpoint's, so loading is renaming plus one transpose per projection: OpenAI
+# wrote its linear layers as "Conv1D", storing the weight as (in, out) for
+# y = x @ W + b, where nn.Linear stores (out, in) for y = x @ W.T + b.
+# `python gpt2.py export` writes a trained model back in the same format.
+
+CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+# Settings of config.json with which a GPT-2 variant computes something other
+# than our model: the values our model computes, and transformers' default.
+SUPPORTED = {
+    "activation_function": (("gelu_new", "gelu_pytorch_tanh"), "gelu_new"),  # GELU's tanh approximation
+    "scale_attn_weights": ((True,), True),  # q k^T / sqrt(head_size)
+    "scale_attn_by_inverse_layer_idx": ((False,), False),  # ... and / (layer + 1)
+    "reorder_and_upcast_attn": ((False,), False),
+    "add_cross_attention": ((False,), False),  # an encoder-decoder's extra attention
+    "tie_word_embeddings": ((True,), True),  # the head is the token embedding
+}
+
+# The dtypes that GPT-2 checkpoints come in (BOOL: causal-mask buffers, skipped).
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "BOOL": torch.bool}
+
+
+def config_from_pretrained(folder):
+    """The GPTConfig that a Hugging Face GPT-2 config.json describes; any other
+    model, or a GPT-2 variant that our model does not compute, is refused."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is not a model config: it holds no JSON object")
+    architectures = hf.get("architectures") or ["GPT2LMHeadModel"]
+    if hf.get("model_type") != "gpt2" or not set(architectures) <= {"GPT2LMHeadModel", "GPT2Model"}:
+        raise ValueError(f"{path} describes a {hf.get('model_type')} model ({', '.join(architectures)}): "
+                         f"gpt2.py loads model_type gpt2 only")
+    for key, (computed, default) in SUPPORTED.items():
+        if hf.get(key, default) not in computed:
+            raise ValueError(f"{path} sets {key} to {hf[key]!r}, a GPT-2 variant that gpt2.py does not compute")
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
+        raise ValueError(f"{path} sets n_inner to {hf['n_inner']}: gpt2.py's MLP is 4 * n_embd wide")
+    try:
+        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_safetensors(path):
+    """The tensors of a .safetensors file: 8 bytes, the length of a JSON header
+    (little-endian); the header, {name: {dtype, shape, data_offsets}}; then the
+    tensors' raw little-endian bytes, at those offsets from the header's end."""
+    corrupt = ValueError(f"{path} is corrupt: it is not a safetensors file")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > path.stat().st_size:
+            raise corrupt
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            dtypes = {entry["dtype"] for entry in header.values()}
+        except (ValueError, AttributeError, KeyError, TypeError):  # not JSON, or not this JSON
+            raise corrupt from None
+    if not dtypes <= SAFETENSORS_DTYPES.keys():
+        raise ValueError(f"{path} holds {', '.join(sorted(dtypes - SAFETENSORS_DTYPES.keys()))} tensors: "
+                         f"gpt2.py reads F32, F16 and BF16")
+    raw = torch.from_file(str(path), dtype=torch.uint8, size=path.stat().st_size)[8 + n :]
+    tensors = {}
+    try:
+        for name, entry in header.items():
+            start, end = entry["data_offsets"]
+            # clone(): a tensor of its own, aligned for its dtype wherever it lay in the file
+            tensors[name] = raw[start:end].clone().view(SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise corrupt from None
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    """Write {name: tensor} in float32, as read_safetensors reads them."""
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + 4 * t.numel()]}
+        offset += 4 * t.numel()
+    header_bytes = json.dumps(header).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # as the format's own writer: the data 8-byte aligned
+    data = bytearray(len(header_bytes).to_bytes(8, "little") + header_bytes) + bytearray(offset)
+    raw = torch.frombuffer(data, dtype=torch.uint8, offset=8 + len(header_bytes))  # a view: writes land in data
+    for name, t in tensors.items():
+        start, end = header[name]["data_offsets"]
+        raw[start:end] = t.view(-1).view(torch.uint8)
+    bpe.write_atomically(path, data)
+
+
+def read_pretrained_weights(folder):
+    """The tensors of model.safetensors, or else of pytorch_model.bin."""
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")
+    path = folder / "pytorch_model.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, a foreign pickle, ...: each fails in its own way
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path} holds no state dict of weights")
+    return weights
+
+
+def load_pretrained_weights(model, folder):
+    """Copy the weights of a Hugging Face GPT-2 folder into `model`, a GPT of the
+    shape its config.json gives: names with or without the "transformer." prefix,
+    Conv1D weights transposed, the causal-mask buffers (attn.bias, attn.masked_bias)
+    and a stored copy of the tied head (lm_head.weight) left out."""
+    ours = {}
+    for name, weight in read_pretrained_weights(folder).items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue
+        ours["transformer." + name] = weight.t() if name.endswith(CONV1D_WEIGHTS) else weight
+    expected = {name: w.shape for name, w in model.state_dict().items() if name != "lm_head.weight"}
+    missing, unexpected = expected.keys() - ours.keys(), ours.keys() - expected.keys()
+    if missing or unexpected:
+        problems = [f"lacks {', '.join(sorted(missing))}"] * bool(missing)
+        problems += [f"has weights gpt2.py does not know ({', '.join(sorted(unexpected))})"] * bool(unexpected)
+        raise ValueError(f"{folder}'s weights do not fit GPT-2: it {' and '.join(problems)}")
+    for name, shape in expected.items():
+        if ours[name].shape != shape:
+            raise ValueError(f"{folder}'s {name} has shape {tuple(ours[name].shape)}, but config.json makes it "
+                             f"{tuple(shape)}: the weights and config.json do not belong together")
+    ours["lm_head.weight"] = ours["transformer.wte.weight"]  # tied
+    model.load_state_dict(ours)  # copies, converting F16 / BF16 to the model's float32
+
+
+def pretrained_tokenizer(folder, config):
+    """The tokenizer of a Hugging Face GPT-2 folder, checked against its model."""
+    tok = bpe.Tokenizer.from_pretrained(folder)
+    if tok.vocab_size != config.vocab_size:
+        raise ValueError(f"{folder}'s vocab.json has {tok.vocab_size} tokens, but its model {config.vocab_size}: "
+                         f"the tokenizer and the weights do not belong together")
+    if bpe.EOT not in tok.special_tokens:
+        raise ValueError(f"{folder}'s vocab.json has no {bpe.EOT} token, which gpt2.py starts and ends texts with")
+    return tok
+
+
+def load_pretrained(folder, device):
+    """The model and tokenizer of a Hugging Face GPT-2 folder, as load_trained
+    gives those of a run: for `sample --init-from` and `eval --init-from`."""
+    folder = Path(folder)
+    tok = pretrained_tokenizer(folder, config_from_pretrained(folder))  # fail before the slow part
+    return GPT.from_pretrained(folder).to(device), tok
+
+
+def fine_tuning_config(folder, out_dir, dropout):
+    """For `train --init-from`: the folder's model shape (with our dropout) and its
+    tokenizer, saved in out_dir as tokenizer.json, as a run's own would be, so that
+    the corpus is encoded with it and checkpoints record it."""
+    folder, tok_path = Path(folder), Path(out_dir) / "tokenizer.json"
+    config = replace(config_from_pretrained(folder), dropout=dropout)
+    tok = pretrained_tokenizer(folder, config)
+    if tok_path.exists():
+        if bpe.Tokenizer.load(tok_path).fingerprint != tok.fingerprint:
+            raise ValueError(f"{tok_path} is another tokenizer than {folder}'s: fine-tune into another --out-dir")
+    elif int(os.environ.get("RANK", 0)) == 0:  # under torchrun the others wait in prepare_data
+        tok.save(tok_path)
+    return config
+
+
+def validation_tokens(tok, data_dir):
+    """The validation novels encoded with `tok`, <|endoftext|> before each, as
+    bpe.prepare_corpus would write them: for `eval --init-from`, whose tokenizer
+    is not the one of the .bin files in --out-dir."""
+    _, val_docs = bpe.split_corpus(bpe.read_corpus(data_dir))
+    return torch.tensor([id for _, text in val_docs for id in [tok.eot_id, *tok.encode(text)]])
+
+
+def export(model, tok, folder):
+    """Write model and tokenizer as a Hugging Face GPT-2 folder: config.json,
+    model.safetensors (Conv1D weights transposed back; the tied head stored once,
+    as the token embedding, which is how transformers saves it) and vocab.json +
+    merges.txt."""
+    folder = Path(folder)
+    config = model.config
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_head": config.n_head,
+        "n_layer": config.n_layer,
+        "layer_norm_epsilon": config.norm_eps,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "bos_token_id": tok.eot_id,
+        "eos_token_id": tok.eot_id,
+        "tie_word_embeddings": True,
+    }
+    weights = {name: w.t() if name.endswith(CONV1D_WEIGHTS) else w
+               for name, w in model.state_dict().items() if name != "lm_head.weight"}
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.write_atomically(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode("utf-8"))
+    write_safetensors(folder / "model.safetensors", weights)
+    tok.save_pretrained(folder)
+
+
+def cmd_export(args):
+    """`python gpt2.py export`: the run in --out-dir as a Hugging Face GPT-2 folder."""
+    model, tok = load_trained(args.out_dir, torch.device("cpu"))
+    folder = Path(args.to or Path(args.out_dir) / "hf")
+    export(model, tok, folder)
+    print(f"wrote {folder}: config.json, model.safetensors, vocab.json, merges.txt")
 
 
 # -----------------------------------------------------------------------------
@@ -909,6 +1154,8 @@ def cmd_train(args):
     """`python gpt2.py train`: the flags become a GPTConfig and a TrainConfig."""
     config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.init_from:  # the pretrained model's shape and tokenizer replace the flags'
+        config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
     train(config, cfg)
 
 
@@ -918,10 +1165,12 @@ def cmd_eval(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
-    model, tok = load_trained(args.out_dir, device)
+    model, tok = load_pretrained(args.init_from, device) if args.init_from else load_trained(args.out_dir, device)
     if args.text:
         source = args.text
         tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in the .bin files
+    elif args.init_from:
+        source, tokens = f"validation split of {args.data}", validation_tokens(tok, args.data)
     else:
         _, _, val_path = bpe.prepare_corpus(args.data, args.out_dir, log=print)
         source, tokens = f"validation split of {args.data}", load_tokens(val_path)
@@ -950,6 +1199,7 @@ def build_parser():
     train_args.add_argument("--n-embd", type=int, default=model.n_embd, help="embedding (residual stream) width")
     train_args.add_argument("--dropout", type=float, default=model.dropout,
                             help="dropout probability (0 suits runs shorter than an epoch)")
+    train_args.add_argument("--norm-eps", type=float, default=model.norm_eps, help="LayerNorm's epsilon")
     train_args.add_argument("--batch-size", type=int, default=run.batch_size,
                             help="sequences per micro-batch, per process")
     train_args.add_argument("--grad-accum", type=int, default=run.grad_accum, help="micro-batches per step")
@@ -973,10 +1223,15 @@ def build_parser():
                             help="precision of the matrix products (auto: bfloat16 where the hardware has it)")
     train_args.add_argument("--compile", action="store_true", help="torch.compile the model")
     train_args.add_argument("--resume", action="store_true", help="continue the run saved in out-dir")
+    train_args.add_argument("--init-from", metavar="DIR",
+                            help="fine-tune the GPT-2 in this Hugging Face folder: its weights, shape and "
+                                 "tokenizer replace the flags' (default: none, train from scratch)")
     train_args.set_defaults(run=cmd_train)
 
     sample_args = commands.add_parser("sample", help="generate text", formatter_class=HelpFormatter)
     sample_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
+    sample_args.add_argument("--init-from", metavar="DIR",
+                             help="sample from the GPT-2 in this Hugging Face folder instead (default: none)")
     prompt = sample_args.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the start of the text to write (default: none, a blank page)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (default: none)")
@@ -997,10 +1252,18 @@ def build_parser():
                                     formatter_class=HelpFormatter)
     eval_args.add_argument("--data", default=run.data_dir, help="corpus whose validation split to score")
     eval_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
+    eval_args.add_argument("--init-from", metavar="DIR",
+                           help="score the GPT-2 in this Hugging Face folder instead (default: none)")
     eval_args.add_argument("--text", help="score this UTF-8 text file (default: the validation split)")
     eval_args.add_argument("--batch-size", type=int, default=run.batch_size, help="windows per forward pass")
     eval_args.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     eval_args.set_defaults(run=cmd_eval)
+
+    export_args = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder",
+                                      formatter_class=HelpFormatter)
+    export_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
+    export_args.add_argument("--to", metavar="DIR", help="the folder to write (default: hf inside --out-dir)")
+    export_args.set_defaults(run=cmd_export)
     return parser
 
 

@@ -251,7 +251,7 @@ def test_grouped_query_attention_is_multi_head_with_shared_keys_and_values():
     idx = torch.randint(0, 40, (2, 12))
     assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-10)
     cache = llama.KVCache(gqa.config, 2, "cpu", torch.float64)
-    assert cache.k.shape == (2, 2, 2, 12, 4)  # (n_layer, B, n_kv_head, block_size, head_size)
+    assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, 12, 4)  # n_layer x (B, n_kv_head, block_size, head_size)
 
 
 # -----------------------------------------------------------------------------
