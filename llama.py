@@ -639,15 +639,21 @@ def save_checkpoint(path, model, optimizer, step, tok, batch_generator):
     os.replace(tmp, path)
 
 
+def load_torch_file(path):
+    """torch.load with weights_only: tensors and plain data, no code run from the
+    file. Any failure to read it is one sentence."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, a foreign pickle, ...: each fails in its own way
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+
+
 def load_checkpoint(path):
     """A checkpoint written by save_checkpoint, checked; anything else is refused
     with one sentence that says what is wrong."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one first with `python llama.py train`")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...: each fails in its own way
-        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint written by llama.py")
     if checkpoint["model"] != MODEL:
@@ -1113,10 +1119,7 @@ def read_pretrained_weights(folder):
     path = folder / "pytorch_model.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...: each fails in its own way
-        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    weights = load_torch_file(path)
     if not isinstance(weights, dict):
         raise ValueError(f"{path} holds no state dict of weights")
     return weights
