@@ -7,7 +7,7 @@ How fast gpt2.py trains and generates on this machine, at its default config.
     for attention: the usual count, as in the PaLM paper's appendix B), that as a
     fraction of what one large matmul in the training precision reaches here, and
     the peak resident memory.
-  - Generation: tokens per second for 240 new tokens from a 16-token prompt (so
+  - Generation: tokens per second for 240 new greedy tokens from a 16-token prompt (so
     the text fills the 256-token context), batch 1, with and without the KV-cache,
     and the cost per token early and late in the text: with the cache it stays flat.
 
@@ -74,7 +74,7 @@ def generation_speed(config, prompt_length, new_tokens, use_cache, device, repea
     best = None
     for _ in range(repeats + 1):  # the first is a warm-up
         times = [time.perf_counter()]
-        for token in model.stream(prompt, new_tokens, use_cache=use_cache):
+        for token in model.stream(prompt, new_tokens, temperature=0, use_cache=use_cache):
             token.item()
             times.append(time.perf_counter())
         if best is None or times[-1] - times[0] < best[-1] - best[0]:
