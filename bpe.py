@@ -361,6 +361,19 @@ class Tokenizer:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def decode_stream(self, ids):
+        """Yield the text of ids as they come (from a model generating them). A
+        token can end in the middle of a multi-byte character (half of a Cyrillic
+        letter): an incremental decoder holds such bytes back until it is whole."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for id in ids:
+            text = decoder.decode(self.decode_bytes([id]))
+            if text:
+                yield text
+        text = decoder.decode(b"", final=True)
+        if text:
+            yield text
+
     def piece(self, id):
         """A token as a one-line readable string: its text, with \\xd0 for a
         byte that is only part of a character and \\n for a control character."""

@@ -26,13 +26,12 @@ code, so that `diff gpt1.py gpt2.py` shows a reader those changes line by line:
     python gpt1.py train                   # tokenizer, encoded corpus, then training
     python gpt1.py sample --prompt "Мой дядя"
 
-Ctrl-C during training saves a checkpoint; `python gpt1.py train --resume` goes on
-from it. `python gpt1.py eval` scores a checkpoint; `--help` on each command lists
-every flag with its default.
+Ctrl-C during training saves a checkpoint, and `python gpt1.py train --resume`
+continues it. `python gpt1.py eval` scores a checkpoint; `--help` on each command
+lists every flag with its default.
 """
 
 import argparse
-import codecs
 import csv
 import math
 import os
@@ -777,20 +776,6 @@ def load_trained(out_dir, device):
     return model.to(device).eval(), tok
 
 
-def decode_stream(tok, token_ids):
-    """Turn token ids into text pieces as they come. A token can end in the middle
-    of a multi-byte UTF-8 character (half of a Cyrillic letter): an incremental
-    decoder holds such bytes back until the character is whole."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token_id in token_ids:
-        text = decoder.decode(tok.decode_bytes([token_id]))
-        if text:
-            yield text
-    text = decoder.decode(b"", final=True)
-    if text:
-        yield text
-
-
 def cmd_sample(args):
     """`python gpt1.py sample`: stream generated text to stdout, the speed to stderr."""
     if args.num_samples < 1:
@@ -813,7 +798,7 @@ def cmd_sample(args):
 
     for i in range(args.num_samples):
         sys.stdout.write(("\n---------------\n" if i else "") + prompt)
-        for text in decode_stream(tok, new_ids()):
+        for text in tok.decode_stream(new_ids()):
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")

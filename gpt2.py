@@ -29,13 +29,12 @@ slides: see GPT.stream. That keeps cached generation exactly equal to the plain 
     python gpt2.py train                   # tokenizer, encoded corpus, then training
     python gpt2.py sample --prompt "Мой дядя"
 
-Ctrl-C during training saves a checkpoint; `python gpt2.py train --resume` goes on
-from it. `python gpt2.py eval` scores a checkpoint; `--help` on each command lists
-every flag with its default.
+Ctrl-C during training saves a checkpoint, and `python gpt2.py train --resume`
+continues it. `python gpt2.py eval` scores a checkpoint; `--help` on each command
+lists every flag with its default.
 """
 
 import argparse
-import codecs
 import csv
 import json
 import math
@@ -855,20 +854,6 @@ def load_trained(out_dir, device):
     return model.to(device).eval(), tok
 
 
-def decode_stream(tok, token_ids):
-    """Turn token ids into text pieces as they come. A token can end in the middle
-    of a multi-byte UTF-8 character (half of a Cyrillic letter): an incremental
-    decoder holds such bytes back until the character is whole."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token_id in token_ids:
-        text = decoder.decode(tok.decode_bytes([token_id]))
-        if text:
-            yield text
-    text = decoder.decode(b"", final=True)
-    if text:
-        yield text
-
-
 def cmd_sample(args):
     """`python gpt2.py sample`: stream generated text to stdout, the speed to stderr."""
     if args.num_samples < 1:
@@ -892,7 +877,7 @@ def cmd_sample(args):
 
     for i in range(args.num_samples):
         sys.stdout.write(("\n---------------\n" if i else "") + prompt)
-        for text in decode_stream(tok, new_ids()):
+        for text in tok.decode_stream(new_ids()):
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -29,13 +29,12 @@ token ids, `python llama.py sample --init-from DIR --prompt-ids 1 450 4996`.
     python llama.py train                  # tokenizer, encoded corpus, then training
     python llama.py sample --prompt "Мой дядя"
 
-Ctrl-C during training saves a checkpoint; `python llama.py train --resume` goes on
-from it. `python llama.py eval` scores a checkpoint; `--help` on each command lists
-every flag with its default.
+Ctrl-C during training saves a checkpoint, and `python llama.py train --resume`
+continues it. `python llama.py eval` scores a checkpoint; `--help` on each command
+lists every flag with its default.
 """
 
 import argparse
-import codecs
 import csv
 import json
 import math
@@ -967,20 +966,6 @@ def load_model(args, device):
     return load_trained(args.out_dir, device)
 
 
-def decode_stream(tok, token_ids):
-    """Turn token ids into text pieces as they come. A token can end in the middle
-    of a multi-byte UTF-8 character (half of a Cyrillic letter): an incremental
-    decoder holds such bytes back until the character is whole."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token_id in token_ids:
-        text = decoder.decode(tok.decode_bytes([token_id]))
-        if text:
-            yield text
-    text = decoder.decode(b"", final=True)
-    if text:
-        yield text
-
-
 def cmd_sample(args):
     """`python llama.py sample`: stream generated text to stdout, the speed to stderr.
     Without a tokenizer (--init-from without --tokenizer) the prompt is token ids
@@ -1016,7 +1001,7 @@ def cmd_sample(args):
 
     for i in range(args.num_samples):
         sys.stdout.write(("\n---------------\n" if i else "") + prompt)
-        for text in decode_stream(tok, new_ids()) if tok else (f" {id}" for id in new_ids()):
+        for text in tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids()):
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -118,6 +118,16 @@ def test_decode_never_crashes_on_valid_ids(tok, data):
     assert isinstance(tok.decode(ids), str)  # broken UTF-8 becomes U+FFFD
 
 
+def test_decode_stream_yields_whole_characters():
+    tok = bpe.Tokenizer.train(["абв"], vocab_size=257)  # no merges: every Cyrillic letter takes two tokens
+    text = "Привет, мир! Ёж."
+    ids = list(text.encode("utf-8"))
+    assert "\ufffd" in tok.decode(ids[:1])  # decoding token by token would break letters
+    pieces = list(tok.decode_stream(ids))
+    assert "".join(pieces) == text and all("\ufffd" not in piece for piece in pieces)
+    assert "".join(tok.decode_stream(ids[:-2] + ids[-1:])) == tok.decode(ids[:-2] + ids[-1:])  # broken: U+FFFD
+
+
 def test_merges_compress_the_training_text(tok):
     assert len(tok.encode(RUSSIAN)) < len(RUSSIAN.encode("utf-8")) / 3
 
