@@ -8,7 +8,6 @@ every path it serves, so a test can tell what was downloaded and what skipped.
 import hashlib
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys

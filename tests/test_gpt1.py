@@ -34,14 +34,6 @@ from gpt1 import GPT, GPTConfig  # noqa: E402
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(model, std=0.3, seed=0):
     """Weights far from the gentle init, LayerNorm gains and biases included:
     sharp attention and confident logits, so that a wrong mask or a missing

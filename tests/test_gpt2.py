@@ -33,14 +33,6 @@ from gpt2 import GPT, GPTConfig  # noqa: E402
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(model, std=0.3, seed=0):
     """Weights far from GPT-2's gentle init: sharp attention and confident logits,
     so that a wrong mask or a stale cache changes the output clearly."""

@@ -32,14 +32,6 @@ from gpt2 import GPT  # noqa: E402
 transformers.utils.logging.disable_progress_bar()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Shapes of the reference models: a small context, several depths and widths,
 # different LayerNorm epsilons, both names of the tanh GELU.
 SHAPES = {
