@@ -107,12 +107,10 @@ def main():
     print(f"{config}, batch {cfg.batch_size}, {torch.get_num_threads()} threads, {device}, "
           f"{'bfloat16 autocast' if bfloat16 else 'float32'} training")
 
-    tokens_per_s, flops = train_speed(config, cfg, steps, device, args.compile)
-    peak = matmul_peak(device, torch.bfloat16 if bfloat16 else torch.float32)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    print(f"training:   {tokens_per_s:,.0f} tokens/s | {flops / 1e9:.1f} GFLOP/s model FLOPs = "
-          f"{flops / peak:.0%} of a large matmul's {peak / 1e9:.1f} GFLOP/s | peak RSS {peak_rss:.2f} GiB")
-
+    # Generation first, in a fresh process as `python gpt2.py sample` runs. After a
+    # training run in the same process, the C allocator keeps large freed blocks
+    # (glibc raises its mmap threshold), which spares the no-cache path's big
+    # per-step buffers their page faults: 25% faster, so the cache's lead shrinks.
     speeds = {}
     for use_cache in (True, False):
         speeds[use_cache], first, last = generation_speed(config, prompt_length, new_tokens, use_cache, device)
@@ -120,6 +118,12 @@ def main():
               f"({prompt_length} + {new_tokens} tokens, batch 1) | {first:.2f} ms/token in the first quarter, "
               f"{last:.2f} in the last")
     print(f"cache speed-up: {speeds[True] / speeds[False]:.1f}x")
+
+    tokens_per_s, flops = train_speed(config, cfg, steps, device, args.compile)
+    peak = matmul_peak(device, torch.bfloat16 if bfloat16 else torch.float32)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    print(f"training:   {tokens_per_s:,.0f} tokens/s | {flops / 1e9:.1f} GFLOP/s model FLOPs = "
+          f"{flops / peak:.0%} of a large matmul's {peak / 1e9:.1f} GFLOP/s | peak RSS {peak_rss:.2f} GiB")
 
 
 if __name__ == "__main__":
