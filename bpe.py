@@ -29,6 +29,7 @@ import sys
 import time
 from array import array
 from collections import Counter, defaultdict
+from functools import cached_property
 from itertools import chain, repeat
 from operator import add
 from pathlib import Path
@@ -408,7 +409,7 @@ class Tokenizer:
             return "".join(BYTE_STAND_INS[b] for b in self._bytes[id])
         return self._bytes[id].decode("utf-8")  # a special token, written as itself
 
-    @property
+    @cached_property  # a tokenizer never changes after it is made
     def fingerprint(self):
         """A hash of everything that decides the ids: checkpoints store it."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()

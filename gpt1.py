@@ -792,9 +792,10 @@ def cmd_sample(args):
         nonlocal n_tokens
         for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
             n_tokens += 1
-            if token.item() == tok.eot_id and not args.ignore_eot:
+            id = token.item()  # one sync with the device per token
+            if id == tok.eot_id and not args.ignore_eot:
                 return
-            yield token.item()
+            yield id
 
     for i in range(args.num_samples):
         sys.stdout.write(("\n---------------\n" if i else "") + prompt)
