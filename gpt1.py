@@ -169,18 +169,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # merged heads -> residual stream
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         B, T, C = x.size()  # batch, tokens, n_embd
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, split into heads
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_size)
         dropout_p = self.dropout if self.training else 0.0
         y = (fused_attention if FUSED else attention)(q, k, v, dropout_p)  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -190,14 +187,14 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         x = self.c_fc(x)  # (B, T, 4 * n_embd)
         # ReLU, max(0, x): the classic Transformer's. The GPT-1 paper itself already
         # used GELU; this file keeps ReLU so that GELU shows as one of gpt2.py's changes.
         x = F.relu(x)
-        return self.dropout(self.c_proj(x))  # (B, T, n_embd)
+        return F.dropout(self.c_proj(x), self.dropout, self.training)  # (B, T, n_embd)
 
 
 class Block(nn.Module):
@@ -252,7 +249,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -284,7 +280,8 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"{T} tokens do not fit the context of {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
+        x = F.dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
             x = block(x)  # (B, T, n_embd)
         logits = self.lm_head(x)  # (B, T, vocab_size)

@@ -25,6 +25,9 @@ seen so far, so that each new token costs one position's work, not the context's
 Past the context length (block_size) the cache is re-filled from the cropped window
 on every step, because learned absolute positions get renumbered when the window
 slides: see GPT.stream. That keeps cached generation exactly equal to the plain one.
+A cached step multiplies a single vector by every weight matrix, so it goes as fast
+as the weights stream in from memory; on a CPU, generation first stores the widening
+matrices transposed, the layout that streams fastest (GPT.lay_out_for_decoding).
 
     python gpt2.py train                   # tokenizer, encoded corpus, then training
     python gpt2.py sample --prompt "Мой дядя"
@@ -218,20 +221,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # merged heads -> residual stream
         self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, tokens, n_embd
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, split into heads
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_size)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, n_head, T_k, head_size): cached + new
         dropout_p = self.dropout if self.training else 0.0
         y = (fused_attention if FUSED else attention)(q, k, v, dropout_p)  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -242,12 +242,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         x = self.c_fc(x)  # (B, T, 4 * n_embd)
         x = F.gelu(x, approximate="tanh") if FUSED else gelu(x)
-        return self.dropout(self.c_proj(x))  # (B, T, n_embd)
+        return F.dropout(self.c_proj(x), self.dropout, self.training)  # (B, T, n_embd)
 
 
 class Block(nn.Module):
@@ -297,7 +297,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps),
         ))
@@ -343,7 +342,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens do not fit the context of {self.config.block_size}")
         pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, n_embd): positions start, ..., start + T - 1
-        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, n_embd)
+        x = F.dropout(self.transformer.wte(idx) + pos_emb, self.config.dropout, self.training)  # (B, T, n_embd)
         for block in self.transformer.h:
             x = block(x, kv_cache)  # (B, T, n_embd)
         if kv_cache is not None:
@@ -351,6 +350,23 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+    @torch.inference_mode(False)  # stream() calls this in inference mode; the weights must stay trainable
+    @torch.no_grad()
+    def lay_out_for_decoding(self):
+        """Store each widening weight matrix (out_features > in_features: c_attn,
+        c_fc and the tied head) transposed in memory, its longer side contiguous.
+
+        A step with the KV-cache multiplies one vector by every weight matrix: it
+        reads each weight once and does a single multiply-add with it, so the step
+        runs at the speed the CPU's matrix-vector kernel streams the matrices in,
+        and that kernel streams long contiguous rows fastest (benchmarks/
+        generate_vs_hf.py measures the whole step with and without this). Only the
+        order in memory changes: each weight keeps its shape and values, and every
+        line that uses it computes what it did."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+                module.weight.data = module.weight.data.t().contiguous().t()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
@@ -390,6 +406,8 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
+        if use_cache and idx.device.type == "cpu":  # measured on CPUs; GPUs keep the trained layout
+            self.lay_out_for_decoding()
         kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
         for t in range(T, T + max_new_tokens):  # t: tokens so far
             if kv_cache is not None and kv_cache.pos == t - 1 and t <= block_size:

@@ -3,11 +3,13 @@ gpt2.py's generation against Hugging Face transformers', with the same weights.
 
 Batch 1, greedy, on the CPU: our `GPT.generate` with the KV-cache against
 `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)`, in tokens per second,
-at two shapes: gpt2.py's default config (a few million parameters: the cost of
-each step's Python and small kernels decides) and GPT-2 124M's (reading the
-weights from memory decides). The weights are random, the same for both: a random
-GPT2LMHeadModel saved with save_pretrained and read with GPT.from_pretrained.
-Each side decodes once to warm up, then the best of --repeats runs counts.
+at two shapes: gpt2.py's default config (5.6 M parameters, 22 MB of float32
+weights: streaming them and each step's Python and small kernels share the time)
+and GPT-2 124M's (500 MB: streaming the weights decides). A third column runs our
+generate with the weights left in the layout they were trained in, to measure
+what GPT.lay_out_for_decoding buys. The weights are random, the same for all: a
+random GPT2LMHeadModel saved with save_pretrained and read with GPT.from_pretrained.
+Each runs once to warm up, then they take turns, and the best of --repeats runs counts.
 
     python benchmarks/generate_vs_hf.py           # both shapes: a few minutes on 2 cores
     python benchmarks/generate_vs_hf.py --quick   # a tiny model: checks that it runs, in seconds
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging
 
@@ -37,62 +40,112 @@ QUICK = [("tiny", dict(vocab_size=300, n_positions=32, n_layer=2, n_head=2, n_em
 
 
 def same_weights(shape, folder):
-    """A random GPT2LMHeadModel and our GPT holding the same weights, both in eval mode."""
+    """A random GPT2LMHeadModel, our GPT holding the same weights, and a second GPT
+    that keeps them in the layout they were trained in (see
+    GPT.lay_out_for_decoding), all in eval mode."""
     torch.manual_seed(0)
     # No end-of-text token: transformers would stop at it, and we want every new token.
     theirs = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=None, eos_token_id=None)).eval()
     theirs.save_pretrained(folder)
-    return gpt2.GPT.from_pretrained(folder), theirs
+    ours, trained_layout = gpt2.GPT.from_pretrained(folder), gpt2.GPT.from_pretrained(folder)
+    trained_layout.lay_out_for_decoding = lambda: None
+    return ours, trained_layout, theirs
 
 
-def best_time(generate, repeats):
-    """(seconds of the fastest of `repeats` runs after one warm-up, the last run's output)."""
-    generate()
-    best = float("inf")
+def best_times(generators, repeats):
+    """For each of `generators`, (seconds of its fastest run, its output): each runs
+    once to warm up, then they take turns, `repeats` runs each, so that a slow spell
+    of the machine falls on all of them alike."""
+    for generate in generators:
+        generate()
+    best, outputs = [float("inf")] * len(generators), [None] * len(generators)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = generate()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for i, generate in enumerate(generators):
+            start = time.perf_counter()
+            outputs[i] = generate()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, outputs))
 
 
 def compare(name, shape, prompt_length, new_tokens, repeats):
     with tempfile.TemporaryDirectory() as folder:
-        ours, theirs = same_weights(shape, folder)
+        ours, trained_layout, theirs = same_weights(shape, folder)
     prompt = torch.randint(0, shape["vocab_size"], (1, prompt_length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
-
-    def generate_ours():
-        return ours.generate(prompt, new_tokens, temperature=0)
 
     def generate_theirs():
         with torch.inference_mode():
             return theirs.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                    use_cache=True, pad_token_id=0)
 
-    our_seconds, our_tokens = best_time(generate_ours, repeats)
-    their_seconds, their_tokens = best_time(generate_theirs, repeats)
-    ours_per_s, theirs_per_s = new_tokens / our_seconds, new_tokens / their_seconds
+    (our_seconds, our_tokens), (plain_seconds, _), (their_seconds, their_tokens) = best_times(
+        [lambda: ours.generate(prompt, new_tokens, temperature=0),
+         lambda: trained_layout.generate(prompt, new_tokens, temperature=0), generate_theirs], repeats)
+    ours_per_s, plain_per_s, theirs_per_s = (new_tokens / s for s in (our_seconds, plain_seconds, their_seconds))
     same = "yes" if torch.equal(our_tokens, their_tokens) else "no (float32 near-ties)"
     print(f"{name:<16} {ours.num_params() / 1e6:>7.1f}M {prompt_length:>4} + {new_tokens:<4} "
-          f"{ours_per_s:>10,.0f} {theirs_per_s:>14,.0f} {ours_per_s / theirs_per_s:>7.2f}x   {same}")
+          f"{ours_per_s:>10,.0f} {plain_per_s:>14,.0f} {theirs_per_s:>14,.0f} {ours_per_s / theirs_per_s:>7.2f}x   "
+          f"{same}")
+    print(f"{'':<16} ms per token: ours {1000 / ours_per_s:.2f} (the same loop with tiny matrices: "
+          f"{overhead_per_step(shape, prompt_length, new_tokens, repeats):.2f}), transformers {1000 / theirs_per_s:.2f}")
+
+
+def overhead_per_step(shape, prompt_length, new_tokens, repeats):
+    """Milliseconds per generated token of our generate at the same depth and number
+    of heads but width 2 per head and 64 tokens: matrices so small that what is
+    left is each step's Python and the dispatch of its small kernels."""
+    torch.manual_seed(0)
+    config = gpt2.GPTConfig(vocab_size=64, block_size=shape["n_positions"], n_layer=shape["n_layer"],
+                            n_head=shape["n_head"], n_embd=2 * shape["n_head"])
+    model = gpt2.GPT(config).eval()
+    prompt = torch.randint(0, 64, (1, prompt_length))
+    [(seconds, _)] = best_times([lambda: model.generate(prompt, new_tokens, temperature=0)], repeats)
+    return seconds / new_tokens * 1000
+
+
+def matrix_vector_times(shape, repeats=300):
+    """For each weight matrix of a GPT-2 block and the head: microseconds to multiply
+    one vector by it, stored as nn.Linear keeps it, (out, in) with rows of length
+    in, and transposed in memory, with rows of length out. Each is timed cycling
+    through 32 MB of copies, so that, as in a generation step, it comes from memory
+    rather than from a cache that has just held it."""
+    C, V = shape["n_embd"], shape["vocab_size"]
+    for name, in_features, out_features in [("c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_fc", C, 4 * C),
+                                            ("mlp.c_proj", 4 * C, C), ("head", C, V)]:
+        copies = max(2, 32 * 2**20 // (4 * in_features * out_features))
+        x = torch.randn(1, in_features)
+        weights = [torch.randn(out_features, in_features) for _ in range(copies)]
+        times = []
+        for layout in (weights, [w.t().contiguous().t() for w in weights]):
+            for w in layout[:2]:
+                F.linear(x, w)  # warm-up
+            start = time.perf_counter()
+            for i in range(repeats):
+                F.linear(x, layout[i % copies])
+            times.append((time.perf_counter() - start) / repeats * 1e6)
+        print(f"  {name:<12} {in_features:>5} -> {out_features:<6} {times[0]:>10.0f} {times[1]:>12.0f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model only: a smoke test")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the best counts")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best counts")
     parser.add_argument("--shape", choices=[name for name, *_ in SHAPES], help="only this shape (default: both)")
     args = parser.parse_args()
     logging.disable_progress_bar()  # save_pretrained would draw one
 
     shapes = QUICK if args.quick else [s for s in SHAPES if args.shape in (None, s[0])]
     print(f"CPU, batch 1, greedy, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'shape':<16} {'params':>8} {'tokens':>11} {'ours tok/s':>10} {'transformers':>14} {'ratio':>8}   "
-          f"same tokens")
+    print(f"{'shape':<16} {'params':>8} {'tokens':>11} {'ours tok/s':>10} {'trained layout':>14} "
+          f"{'transformers':>14} {'ratio':>8}   same tokens")
     for name, shape, prompt_length, new_tokens in shapes:
         compare(name, shape, prompt_length, new_tokens, args.repeats)
+    print("\nOne vector times each weight matrix, microseconds: as nn.Linear stores it, (out, in), and "
+          "transposed in memory")
+    for name, shape, *_ in shapes:
+        print(f"{name}: {'matrix':<12} {'in -> out':<15} {'(out, in)':>10} {'transposed':>12}")
+        matrix_vector_times(shape)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ nothing needs the real corpus. What llama.py shares with gpt2.py unchanged (the
 data, the optimizer, the schedule, torchrun, Ctrl-C) is tested in test_gpt2.py.
 """
 
+import copy
 import json
 import math
 import os
@@ -330,6 +331,28 @@ def test_greedy_generation_with_cache_equals_without(config, data):
     assert cached.shape == (1, prompt_length + new_tokens)
     assert torch.equal(cached, plain)
     assert torch.equal(cached[:, :prompt_length], prompt)
+
+
+def test_decoding_layout_changes_the_memory_order_only():
+    """Cached generation stores gate_proj, up_proj and the head transposed in memory;
+    every weight keeps its shape and values, and training goes on as before."""
+    model = randomize(Llama(tiny()))  # n_embd 16: q_proj and o_proj square, k_proj and v_proj narrower
+    twin = copy.deepcopy(model)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    model.generate(torch.tensor([[1, 2]]), 3, temperature=0)
+    transposed = {name for name, p in model.named_parameters() if p.t().is_contiguous() and not p.is_contiguous()}
+    assert transposed == {"lm_head.weight", *(f"model.layers.{i}.mlp.{proj}.weight"
+                                              for i in range(2) for proj in ("gate_proj", "up_proj"))}
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+    x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+    for m in (model, twin):
+        # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
+        optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)
+        m(x, y)[1].backward()
+        optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_cache_past_the_context_is_exact():
