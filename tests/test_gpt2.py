@@ -306,7 +306,7 @@ def test_cache_past_the_context_is_exact_where_a_sliding_cache_is_not():
 
 def test_decoding_layout_changes_the_memory_order_only():
     """Cached generation stores c_attn, c_fc and the tied head transposed in memory;
-    every weight keeps its shape and values, and training goes on as before."""
+    every weight keeps its shape and values, the logits stay, and training goes on as before."""
     config = GPTConfig(vocab_size=40, block_size=8, n_layer=2, n_head=2, n_embd=8)
     model = randomize(GPT(config))
     twin = copy.deepcopy(model)
@@ -322,6 +322,7 @@ def test_decoding_layout_changes_the_memory_order_only():
     assert [p.data_ptr() for p in model.parameters()] == storage
 
     x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+    assert torch.allclose(model(x)[0], twin(x)[0], atol=1e-5)
     for m in (model, twin):
         # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
         optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)

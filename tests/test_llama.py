@@ -335,7 +335,7 @@ def test_greedy_generation_with_cache_equals_without(config, data):
 
 def test_decoding_layout_changes_the_memory_order_only():
     """Cached generation stores gate_proj, up_proj and the head transposed in memory;
-    every weight keeps its shape and values, and training goes on as before."""
+    every weight keeps its shape and values, the logits stay, and training goes on as before."""
     model = randomize(Llama(tiny()))  # n_embd 16: q_proj and o_proj square, k_proj and v_proj narrower
     twin = copy.deepcopy(model)
     before = {name: p.clone() for name, p in model.named_parameters()}
@@ -346,6 +346,7 @@ def test_decoding_layout_changes_the_memory_order_only():
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
     x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+    assert torch.allclose(model(x)[0], twin(x)[0], atol=1e-5)
     for m in (model, twin):
         # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
         optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)
