@@ -224,7 +224,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, tokens, n_embd
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, split into heads
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_size)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, n_head, T_k, head_size): cached + new
@@ -342,7 +342,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens do not fit the context of {self.config.block_size}")
         pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, n_embd): positions start, ..., start + T - 1
-        x = F.dropout(self.transformer.wte(idx) + pos_emb, self.config.dropout, self.training)  # (B, T, n_embd)
+        x = self.transformer.wte(idx) + pos_emb  # (B, T, n_embd)
+        x = F.dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
             x = block(x, kv_cache)  # (B, T, n_embd)
         if kv_cache is not None:
@@ -352,7 +353,6 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.inference_mode(False)  # stream() calls this in inference mode; the weights must stay trainable
-    @torch.no_grad()
     def lay_out_for_decoding(self):
         """Store each widening weight matrix (out_features > in_features: c_attn,
         c_fc and the tied head) transposed in memory, its longer side contiguous.
@@ -366,6 +366,7 @@ class GPT(nn.Module):
         line that uses it computes what it did."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+                # .data: new storage for the same Parameter, so the head stays tied to the embedding
                 module.weight.data = module.weight.data.t().contiguous().t()
 
     @torch.no_grad()

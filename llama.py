@@ -431,7 +431,8 @@ class Llama(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens do not fit the context of {self.config.block_size}")
         rope = self.model.rotary_emb(start, T)  # cos, sin (T, head_size): the rotations of these positions
-        x = F.dropout(self.model.embed_tokens(idx), self.config.dropout, self.training)  # (B, T, n_embd)
+        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        x = F.dropout(x, self.config.dropout, self.training)
         for block in self.model.layers:
             x = block(x, rope, kv_cache)  # (B, T, n_embd)
         if kv_cache is not None:
@@ -441,7 +442,6 @@ class Llama(nn.Module):
         return logits, loss
 
     @torch.inference_mode(False)  # stream() calls this in inference mode; the weights must stay trainable
-    @torch.no_grad()
     def lay_out_for_decoding(self):
         """Store each widening weight matrix (out_features > in_features: gate_proj,
         up_proj and the head) transposed in memory, its longer side contiguous.
@@ -455,6 +455,7 @@ class Llama(nn.Module):
         line that uses it computes what it did."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+                # .data: new storage for the same Parameter, so a tied head stays tied to the embedding
                 module.weight.data = module.weight.data.t().contiguous().t()
 
     @torch.no_grad()

@@ -67,6 +67,19 @@ def best_times(generators, repeats):
     return list(zip(best, outputs))
 
 
+def overhead_per_step(shape, prompt_length, new_tokens, repeats):
+    """Milliseconds per generated token of our generate at the same depth and number
+    of heads but width 2 per head and 64 tokens: matrices so small that what is
+    left is each step's Python and the dispatch of its small kernels."""
+    torch.manual_seed(0)
+    config = gpt2.GPTConfig(vocab_size=64, block_size=shape["n_positions"], n_layer=shape["n_layer"],
+                            n_head=shape["n_head"], n_embd=2 * shape["n_head"])
+    model = gpt2.GPT(config).eval()
+    prompt = torch.randint(0, 64, (1, prompt_length))
+    [(seconds, _)] = best_times([lambda: model.generate(prompt, new_tokens, temperature=0)], repeats)
+    return seconds / new_tokens * 1000
+
+
 def compare(name, shape, prompt_length, new_tokens, repeats):
     with tempfile.TemporaryDirectory() as folder:
         ours, trained_layout, theirs = same_weights(shape, folder)
@@ -90,27 +103,15 @@ def compare(name, shape, prompt_length, new_tokens, repeats):
           f"{overhead_per_step(shape, prompt_length, new_tokens, repeats):.2f}), transformers {1000 / theirs_per_s:.2f}")
 
 
-def overhead_per_step(shape, prompt_length, new_tokens, repeats):
-    """Milliseconds per generated token of our generate at the same depth and number
-    of heads but width 2 per head and 64 tokens: matrices so small that what is
-    left is each step's Python and the dispatch of its small kernels."""
-    torch.manual_seed(0)
-    config = gpt2.GPTConfig(vocab_size=64, block_size=shape["n_positions"], n_layer=shape["n_layer"],
-                            n_head=shape["n_head"], n_embd=2 * shape["n_head"])
-    model = gpt2.GPT(config).eval()
-    prompt = torch.randint(0, 64, (1, prompt_length))
-    [(seconds, _)] = best_times([lambda: model.generate(prompt, new_tokens, temperature=0)], repeats)
-    return seconds / new_tokens * 1000
-
-
-def matrix_vector_times(shape, repeats=300):
+def matrix_vector_times(name, shape, repeats=300):
     """For each weight matrix of a GPT-2 block and the head: microseconds to multiply
     one vector by it, stored as nn.Linear keeps it, (out, in) with rows of length
     in, and transposed in memory, with rows of length out. Each is timed cycling
     through 32 MB of copies, so that, as in a generation step, it comes from memory
     rather than from a cache that has just held it."""
+    print(f"{name}: {'matrix':<12} {'in -> out':<15} {'(out, in)':>10} {'transposed':>12}")
     C, V = shape["n_embd"], shape["vocab_size"]
-    for name, in_features, out_features in [("c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_fc", C, 4 * C),
+    for matrix, in_features, out_features in [("c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_fc", C, 4 * C),
                                             ("mlp.c_proj", 4 * C, C), ("head", C, V)]:
         copies = max(2, 32 * 2**20 // (4 * in_features * out_features))
         x = torch.randn(1, in_features)
@@ -123,7 +124,7 @@ def matrix_vector_times(shape, repeats=300):
             for i in range(repeats):
                 F.linear(x, layout[i % copies])
             times.append((time.perf_counter() - start) / repeats * 1e6)
-        print(f"  {name:<12} {in_features:>5} -> {out_features:<6} {times[0]:>10.0f} {times[1]:>12.0f}")
+        print(f"  {matrix:<12} {in_features:>5} -> {out_features:<6} {times[0]:>10.0f} {times[1]:>12.0f}")
 
 
 def main():
@@ -144,8 +145,7 @@ def main():
     print("\nOne vector times each weight matrix, microseconds: as nn.Linear stores it, (out, in), and "
           "transposed in memory")
     for name, shape, *_ in shapes:
-        print(f"{name}: {'matrix':<12} {'in -> out':<15} {'(out, in)':>10} {'transposed':>12}")
-        matrix_vector_times(shape)
+        matrix_vector_times(name, shape)
 
 
 if __name__ == "__main__":
