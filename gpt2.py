@@ -27,7 +27,8 @@ on every step, because learned absolute positions get renumbered when the window
 slides: see GPT.stream. That keeps cached generation exactly equal to the plain one.
 A cached step multiplies a single vector by every weight matrix, so it goes as fast
 as the weights stream in from memory; on a CPU, generation first stores the widening
-matrices transposed, the layout that streams fastest (GPT.lay_out_for_decoding).
+matrices transposed, the layout that streams fastest (GPT.lay_out_for_decoding), and
+each large product is dealt out to all the CPU's threads (Linear).
 
     python gpt2.py train                   # tokenizer, encoded corpus, then training
     python gpt2.py sample --prompt "Мой дядя"
@@ -207,6 +208,42 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class Linear(nn.Linear):
+    """A linear layer, y = x W^T + b, as nn.Linear, with a faster road for the product
+    that decides how fast generation runs on a CPU: one input vector (a cached step
+    at batch 1) times a large weight matrix."""
+
+    split_from = 2**17  # weights (512 KB of float32): below, waking the other threads costs what they save
+
+    def forward(self, x):
+        if self.weight.numel() >= self.split_from and x.numel() == self.in_features and x.is_cpu:
+            return self.vector_forward(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def vector_forward(self, x):
+        """x (..., in_features), one vector, times W^T, on all CPU threads.
+
+        One thread multiplies a vector by a matrix slower than the memory can feed it
+        (benchmarks/generate_vs_hf.py times it), so the rows of the weight, as it lies
+        in memory, are dealt out in one contiguous block per thread, and a batched
+        matmul multiplies x by every block at once, each block on its own thread.
+        Stored as nn.Linear keeps it, W (out, in), a block of rows is some of the
+        outputs. Laid out for decoding (GPT.lay_out_for_decoding), W^T (in, out), a
+        block of rows is some of the inputs, and the partial products add up."""
+        threads = torch.get_num_threads()
+        if self.weight.is_contiguous():  # rows of W: each thread computes some of the outputs
+            parts = math.gcd(threads, self.out_features)
+            w_parts = self.weight.view(parts, -1, self.in_features).transpose(1, 2)  # (parts, in, out / parts)
+            y = torch.bmm(x.reshape(1, 1, -1).expand(parts, -1, -1), w_parts).view(1, -1)  # (1, out)
+        else:  # rows of W^T: each thread takes some of the inputs
+            parts = math.gcd(threads, self.in_features)
+            w_parts = self.weight.t().view(parts, -1, self.out_features)  # (parts, in / parts, out)
+            y = torch.bmm(x.reshape(parts, 1, -1), w_parts).sum(0)  # (1, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention: each position takes a weighted mix of the
     values of itself and the positions before it, weighted by how well its query
@@ -218,8 +255,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.layer = layer  # which layer of a KVCache is ours
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # merged heads -> residual stream
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)  # merged heads -> residual stream
         self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
 
     def forward(self, x, kv_cache=None):
@@ -239,8 +276,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
         self.dropout = config.dropout
 
@@ -300,7 +337,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (as in GPT-1 and GPT-2): reading a token in and predicting it
         # out share one matrix, which saves parameters and trains both from every token.
         self.lm_head.weight = self.transformer.wte.weight

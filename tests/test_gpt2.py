@@ -17,6 +17,7 @@ import subprocess
 import sys
 from itertools import pairwise
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -323,6 +324,9 @@ def test_decoding_layout_changes_the_memory_order_only():
 
     x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
     assert torch.allclose(model(x)[0], twin(x)[0], atol=1e-5)
+    one_vector = twin(x[:1, :1])[0]  # by nn.Linear's product
+    with mock.patch.object(gpt2.Linear, "split_from", 1), mock.patch.object(torch, "get_num_threads", return_value=2):
+        assert torch.allclose(model(x[:1, :1])[0], one_vector, atol=1e-5)  # each product in two parts
     for m in (model, twin):
         # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
         optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)
@@ -330,6 +334,31 @@ def test_decoding_layout_changes_the_memory_order_only():
         optimizer.step()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(in_features=st.integers(1, 40), out_features=st.integers(1, 40), bias=st.booleans(),
+       threads=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_one_vector_on_all_threads_is_the_same_product(in_features, out_features, bias, threads, seed):
+    """Linear.vector_forward, the weight's rows dealt out to the threads, is x W^T + b
+    in both layouts; Linear takes that road exactly when one vector meets a weight
+    of at least split_from entries."""
+    torch.manual_seed(seed)
+    layer = gpt2.Linear(in_features, out_features, bias=bias)
+    batch = torch.randn(2, 3, in_features)
+    for transposed in (False, True):
+        if transposed:
+            layer.weight.data = layer.weight.data.t().contiguous().t()  # as GPT.lay_out_for_decoding does
+        for x in (torch.randn(in_features), torch.randn(1, 1, in_features)):
+            # As many parts as a CPU with `threads` threads gets; the real thread pool stays as it is.
+            with mock.patch.object(torch, "get_num_threads", return_value=threads):
+                y = layer.vector_forward(x)
+                with mock.patch.object(gpt2.Linear, "split_from", in_features * out_features):
+                    assert torch.equal(layer(x), y)
+                    assert torch.equal(layer(batch), F.linear(batch, layer.weight, layer.bias))  # not one vector
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # a weight below split_from
+            assert y.shape == x.shape[:-1] + (out_features,)
+            assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), atol=1e-5)
 
 
 def test_sampling_options():

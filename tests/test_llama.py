@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -347,6 +348,9 @@ def test_decoding_layout_changes_the_memory_order_only():
 
     x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
     assert torch.allclose(model(x)[0], twin(x)[0], atol=1e-5)
+    one_vector = twin(x[:1, :1])[0]  # by nn.Linear's product
+    with mock.patch.object(llama.Linear, "split_from", 1), mock.patch.object(torch, "get_num_threads", return_value=2):
+        assert torch.allclose(model(x[:1, :1])[0], one_vector, atol=1e-5)  # each product in two parts
     for m in (model, twin):
         # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
         optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)
