@@ -282,24 +282,25 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """A linear layer, y = x W^T + b, as nn.Linear, with a faster road for the product
-    that decides how fast generation runs on a CPU: one input vector (a cached step
-    at batch 1) times a large weight matrix."""
+    """A linear layer without bias, y = x W^T, as nn.Linear, with a faster road for
+    the product that decides how fast generation runs on a CPU: one input vector (a
+    cached step at batch 1) times a large weight matrix."""
 
     split_from = 2**17  # weights (512 KB of float32): below, waking the other threads costs what they save
 
     def forward(self, x):
         if self.weight.numel() >= self.split_from and x.numel() == self.in_features and x.is_cpu:
             return self.vector_forward(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight)
 
     def vector_forward(self, x):
         """x (..., in_features), one vector, times W^T, on all CPU threads.
 
         One thread multiplies a vector by a matrix slower than the memory can feed it
-        (benchmarks/generate_vs_hf.py times it), so the rows of the weight, as it lies
-        in memory, are dealt out in one contiguous block per thread, and a batched
-        matmul multiplies x by every block at once, each block on its own thread.
+        (benchmarks/generate_vs_hf.py times it, for gpt2.py's matrices), so the rows of
+        the weight, as it lies in memory, are dealt out in one contiguous block per
+        thread, and a batched matmul multiplies x by every block at once, each block on
+        its own thread.
         Stored as nn.Linear keeps it, W (out, in), a block of rows is some of the
         outputs. Laid out for decoding (Llama.lay_out_for_decoding), W^T (in, out), a
         block of rows is some of the inputs, and the partial products add up."""
@@ -312,8 +313,6 @@ class Linear(nn.Linear):
             parts = math.gcd(threads, self.in_features)
             w_parts = self.weight.t().view(parts, -1, self.out_features)  # (parts, in / parts, out)
             y = torch.bmm(x.reshape(parts, 1, -1), w_parts).sum(0)  # (1, out)
-        if self.bias is not None:
-            y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 

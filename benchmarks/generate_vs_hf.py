@@ -12,7 +12,7 @@ buy together. The weights are random, the same for all: a
 random GPT2LMHeadModel saved with save_pretrained and read with GPT.from_pretrained.
 Each runs once to warm up, then they take turns, and the best of --repeats runs counts.
 
-    python benchmarks/generate_vs_hf.py           # both shapes: a few minutes on 2 cores
+    python benchmarks/generate_vs_hf.py           # both shapes: about 7 minutes on 2 cores
     python benchmarks/generate_vs_hf.py --quick   # a tiny model: checks that it runs, in seconds
 
 Needs transformers (requirements-dev.txt).
@@ -145,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model only: a smoke test")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best counts")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per side; the best counts")
     parser.add_argument("--shape", choices=[name for name, *_ in SHAPES], help="only this shape (default: both)")
     args = parser.parse_args()
     logging.disable_progress_bar()  # save_pretrained would draw one
