@@ -398,9 +398,9 @@ class GPT(nn.Module):
         reads each weight once and does a single multiply-add with it, so the step
         runs at the speed the CPU's matrix-vector kernel streams the matrices in,
         and that kernel streams long contiguous rows fastest (benchmarks/
-        generate_vs_hf.py measures the whole step with and without this). Only the
-        order in memory changes: each weight keeps its shape and values, and every
-        line that uses it computes what it did."""
+        generate_vs_hf.py times each matrix in both layouts). Only the order in
+        memory changes: each weight keeps its shape and values, and every line that
+        uses it computes what it did."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:
                 # .data: new storage for the same Parameter, so the head stays tied to the embedding

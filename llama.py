@@ -485,9 +485,9 @@ class Llama(nn.Module):
         reads each weight once and does a single multiply-add with it, so the step
         runs at the speed the CPU's matrix-vector kernel streams the matrices in,
         and that kernel streams long contiguous rows fastest (benchmarks/
-        generate_vs_hf.py measures gpt2.py's step with and without this). Only the
-        order in memory changes: each weight keeps its shape and values, and every
-        line that uses it computes what it did."""
+        generate_vs_hf.py times gpt2.py's matrices in both layouts). Only the order in
+        memory changes: each weight keeps its shape and values, and every line that
+        uses it computes what it did."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:
                 # .data: new storage for the same Parameter, so a tied head stays tied to the embedding
