@@ -289,7 +289,7 @@ class Linear(nn.Linear):
     split_from = 2**17  # weights (512 KB of float32): below, waking the other threads costs what they save
 
     def forward(self, x):
-        if self.weight.numel() >= self.split_from and x.numel() == self.in_features and x.is_cpu:
+        if self.weight.numel() >= self.split_from and x.numel() == self.in_features and x.is_cpu:  # one vector
             return self.vector_forward(x)
         return F.linear(x, self.weight)
 
@@ -304,15 +304,17 @@ class Linear(nn.Linear):
         Stored as nn.Linear keeps it, W (out, in), a block of rows is some of the
         outputs. Laid out for decoding (Llama.lay_out_for_decoding), W^T (in, out), a
         block of rows is some of the inputs, and the partial products add up."""
-        threads = torch.get_num_threads()
-        if self.weight.is_contiguous():  # rows of W: each thread computes some of the outputs
+        threads, weight = torch.get_num_threads(), self.weight
+        if weight.is_contiguous():  # rows of W: each thread computes some of the outputs
             parts = math.gcd(threads, self.out_features)
-            w_parts = self.weight.view(parts, -1, self.in_features).transpose(1, 2)  # (parts, in, out / parts)
-            y = torch.bmm(x.reshape(1, 1, -1).expand(parts, -1, -1), w_parts).view(1, -1)  # (1, out)
+            w_parts = weight.view(parts, -1, self.in_features).transpose(1, 2)  # (parts, in, out / parts)
+            x_parts = x.reshape(1, 1, -1).expand(parts, -1, -1)  # (parts, 1, in): the whole x for each
+            y = torch.bmm(x_parts, w_parts).view(1, -1)  # (1, out): the parts' outputs side by side
         else:  # rows of W^T: each thread takes some of the inputs
             parts = math.gcd(threads, self.in_features)
-            w_parts = self.weight.t().view(parts, -1, self.out_features)  # (parts, in / parts, out)
-            y = torch.bmm(x.reshape(parts, 1, -1), w_parts).sum(0)  # (1, out)
+            w_parts = weight.t().view(parts, -1, self.out_features)  # (parts, in / parts, out)
+            x_parts = x.reshape(parts, 1, -1)  # (parts, 1, in / parts)
+            y = torch.bmm(x_parts, w_parts).sum(0)  # (1, out): the parts' partial products added
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -8,8 +8,8 @@ weights: streaming them and each step's Python and small kernels share the time)
 and GPT-2 124M's (500 MB: streaming the weights decides). A third column runs our
 generate with the weights as trained, in nn.Linear's layout and products, to
 measure what GPT.lay_out_for_decoding and gpt2.Linear's split over the threads
-buy together. The weights are random, the same for all: a
-random GPT2LMHeadModel saved with save_pretrained and read with GPT.from_pretrained.
+buy together. The weights are random, the same for all: a random GPT2LMHeadModel
+saved with save_pretrained and read with GPT.from_pretrained.
 Each runs once to warm up, then they take turns, and the best of --repeats runs counts.
 
     python benchmarks/generate_vs_hf.py           # both shapes: about 7 minutes on 2 cores
