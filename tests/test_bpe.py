@@ -1,10 +1,12 @@
 """Tests of bpe.py: the trainers, the tokenizer, the corpus, the command line."""
 
+import doctest
 import json
 import os
 import random
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import pytest
@@ -40,13 +42,15 @@ def tok():
 
 
 def test_reference_trainer_on_a_worked_example():
-    # "aaab" x 1 and "ab" x 2: pairs (a,a):2, (a,b):3 -> merge (a,b) into 256 first.
+    # "aaab" x 1 and "ab" x 2: pairs (a,a):2, (a,b):3 -> merge (a,b) into 256 first; then
+    # "aa256" ties (a,a):1 with (a,256):1 -> the smaller pair (a, a) wins; then (257, 256).
     a, b = ord("a"), ord("b")
-    merges = bpe.train_reference({"aaab": 1, "ab": 2}, 3)
-    assert merges[0] == (a, b)
-    # then "aa256": (a,a):1, (a,256):1 tie -> the smaller pair (a, a) wins.
-    assert merges[1] == (a, a)
-    assert merges[2] == (257, 256)
+    assert bpe.train_reference({"aaab": 1, "ab": 2}, 3) == [(a, b), (a, a), (257, 256)]
+
+
+def test_docstring_examples():
+    result = doctest.testmod(bpe)
+    assert result.attempted >= 4 and result.failed == 0
 
 
 def test_ties_go_to_the_smallest_pair():
@@ -166,8 +170,13 @@ def test_save_and_load_encode_identically(tok, tmp_path):
     assert {k: v for v, k in data["token2id"].items()} == {int(k): v for k, v in data["id2token"].items()}
 
 
-def test_fingerprint_tells_tokenizers_apart(tok):
+def test_fingerprint_tells_tokenizers_apart_and_ignores_file_layout(tok, tmp_path):
     assert bpe.Tokenizer(tok.merges[:-1]).fingerprint != tok.fingerprint
+    # The value every earlier bpe.py gave this tokenizer: a change would orphan saved runs.
+    assert tok.fingerprint == "1dedc7a2b9226b0c5a3b9c9eeb0c434f50034cab1a2bc203931b07af316ce0dd"
+    for layout in ({"indent": 4}, {"separators": (",", ":")}, {"ensure_ascii": True}):
+        (tmp_path / "t.json").write_text(json.dumps(tok.to_dict(), **layout), encoding="utf-8")
+        assert bpe.Tokenizer.load(tmp_path / "t.json").fingerprint == tok.fingerprint
 
 
 def corrupt_merges(text):
@@ -280,21 +289,15 @@ def test_split_is_by_whole_novel_and_ignores_listing_order():
         (lambda d: write_corpus(d / "empty", {}), "has no .txt files"),
         (lambda d: write_corpus(d / "latin1", {"a.txt": "ok", "b.txt": "Привет".encode("cp1251")}), "b.txt is not UTF-8"),
         (lambda d: write_corpus(d / "blank", {"a.txt": "ok", "b.txt": " \n"}), "b.txt is empty"),
+        (lambda d: write_corpus(d / "one", {"a.txt": "текст"}), "at least two documents"),
     ],
 )
 def test_bad_corpus_gives_a_clear_error(tmp_path, make, message):
     with pytest.raises((ValueError, OSError), match=message):
-        bpe.read_corpus(make(tmp_path))
-
-
-def test_one_document_is_not_enough(tmp_path):
-    with pytest.raises(ValueError, match="at least two documents"):
-        bpe.split_corpus(bpe.read_corpus(write_corpus(tmp_path / "one", {"a.txt": "текст"})))
+        bpe.split_corpus(bpe.read_corpus(make(tmp_path)))
 
 
 def read_ids(path):
-    from array import array
-
     ids = array("H", Path(path).read_bytes())
     if sys.byteorder == "big":
         ids.byteswap()
@@ -317,13 +320,16 @@ def test_prepare_corpus_writes_token_arrays_and_reuses_them(tmp_path):
         bpe.prepare_corpus(data, tmp_path / "out", 500)
 
 
-def test_parallel_encoding_equals_serial(tok, monkeypatch):
+def test_parallel_work_equals_serial(tok, monkeypatch):
     texts = [SAMPLE * 3, RUSSIAN, MIXED * 2]
-    serial = list(bpe.parallel_encode(tok, texts))
+    serial_ids, serial_counts = list(bpe.parallel_map(tok.encode, texts)), bpe.count_chunks(texts)
+    assert set(bpe.parallel_map(lambda _: os.getpid(), texts)) == {os.getpid()}  # small: done here
     monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)
-    assert bpe._worker_count(texts) == min(3, os.cpu_count())
-    assert list(bpe.parallel_encode(tok, texts)) == serial
-    assert bpe.parallel_count_chunks(texts) == bpe.count_chunks(texts)
+    pids = set(bpe.parallel_map(lambda _: os.getpid(), texts))
+    assert len(pids) <= min(3, os.cpu_count())  # at most a worker per text and per core
+    assert os.getpid() not in pids or os.cpu_count() == 1
+    assert list(bpe.parallel_map(tok.encode, texts)) == serial_ids
+    assert bpe.count_chunks(texts) == serial_counts
 
 
 # -- the command line --------------------------------------------------------------
