@@ -1,46 +1,27 @@
 """
 GPT-1 from scratch: the model, its data, training, sampling and command line in one file.
 
-GPT-1 (Radford, Narasimhan, Salimans and Sutskever, 2018, "Improving Language
-Understanding by Generative Pre-Training") is a decoder-only Transformer trained to
-predict the next token of text (and then fine-tuned for each task; here, only the
-pre-training). It is the decoder of the original Transformer (Vaswani et al., 2017)
-without the encoder: a token embedding plus a learned position embedding, a stack
-of blocks of masked multi-head self-attention and a feed-forward network, each
-added to its input and the sum layer-normalised (Post-LN), and an output head
-tied to the token embedding. GPT-1 itself had 12 layers of width 768, a 512-token
-context and a 40,000-merge BPE; here: our own byte-level BPE (bpe.py, the same as
-gpt2.py's) and a model sized for a CPU.
-
-gpt2.py is this file with GPT-2's changes and a KV-cache, and otherwise the same
-code, so that `diff gpt1.py gpt2.py` shows a reader those changes line by line:
-
-  - Pre-LN, x + Attn(LN(x)) instead of LN(x + Attn(x)), and a final LayerNorm
-    (ln_f) before the head.
-  - Initialisation: the projections that write into the residual stream start
-    1/sqrt(2 * n_layer) smaller.
-  - GELU instead of ReLU in the feed-forward network.
-  - A KV-cache for generation. Here every new token runs the whole context
-    through the model again.
+GPT-1 (Radford et al., 2018, "Improving Language Understanding by Generative
+Pre-Training") is the Transformer's decoder alone (Vaswani et al., 2017), trained to
+predict the next token, with blocks that normalise the sum of each sub-layer and its
+input (Post-LN). gpt2.py is this file with GPT-2's changes: `diff gpt1.py gpt2.py`.
 
     python gpt1.py train                   # tokenizer, encoded corpus, then training
     python gpt1.py sample --prompt "Мой дядя"
 
-Ctrl-C during training saves a checkpoint, and `python gpt1.py train --resume`
-continues it. `python gpt1.py eval` scores a checkpoint; `--help` on each command
-lists every flag with its default.
+Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one.
 """
 
 import argparse
 import csv
 import math
 import os
-import re
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -57,131 +38,78 @@ MODEL = "gpt1"  # stored in every checkpoint; checkpoints of other models are re
 # Config
 
 
+def arg(default, help, **metadata):
+    """A config field; its command-line flag takes this help (and type, if given)."""
+    return field(default=default, metadata=dict(help=help, **metadata))
+
+
+def check(ok, message):
+    """A user's mistake ends here, as one sentence: ValueError(message) unless ok."""
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class GPTConfig:
-    """The shape of the network. GPT-1 was (40478, 512, 12, 12, 768, 0.1)."""
+    """The shape of the network. GPT-1 was GPTConfig(40478, 512, 12, 12, 768, 0.1)."""
 
-    vocab_size: int = 3000  # tokens in the vocabulary (training takes it from the tokenizer)
-    block_size: int = 256  # context length: the most tokens the model sees at once
-    n_layer: int = 6  # Transformer blocks
-    n_head: int = 8  # attention heads per block
-    n_embd: int = 256  # width of the residual stream; each head gets n_embd // n_head
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE tokenizer gets this size)")
+    block_size: int = arg(256, "context length: the most tokens the model sees at once")
+    n_layer: int = arg(6, "Transformer blocks")
+    n_head: int = arg(8, "attention heads per block")
+    n_embd: int = arg(256, "width of the residual stream; each head gets n_embd // n_head")
+    dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class TrainConfig:
-    """How to train: data, optimisation, schedule, bookkeeping."""
-
-    data_dir: str = field(default_factory=bpe.default_data_dir)  # folder of .txt novels
-    out_dir: str = f"checkpoints/{MODEL}"  # tokenizer.json, train/val.bin, ckpt.pt, log.csv
-    batch_size: int = 32  # sequences per micro-batch (per process under torchrun)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 6e-4  # peak learning rate, reached at the end of warmup (Post-LN stalls at gpt2.py's 3e-3)
-    warmup_iters: int = 200  # steps of linear warmup from lr/warmup_iters to lr
-    max_iters: int = 900  # optimizer steps in the run: about 30 minutes on 2 CPU cores
-    lr_decay_iters: int | None = None  # step where the cosine reaches lr/10 (None: max_iters)
-    weight_decay: float = 0.1  # AdamW's decoupled weight decay, on weight matrices only
-    grad_clip: float = 1.0  # clip the gradient's global norm to this (0: no clipping)
-    eval_interval: int = 100  # steps between evaluations (and checkpoints)
-    eval_iters: int = 10  # batches per split in each evaluation
-    log_interval: int = 10  # steps between progress lines
-    max_time: float | None = None  # stop cleanly (and save) after this many seconds
-    seed: int = 1337  # for the initial weights, dropout and the batches
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"  # matmul precision: bfloat16, float32, or auto (bfloat16 where the hardware has it)
-    compile: bool = False  # torch.compile the model
-    resume: bool = False  # continue from out_dir/ckpt.pt
-
-    def __post_init__(self):
-        if self.lr_decay_iters is None:
-            self.lr_decay_iters = self.max_iters
-        for name in ("batch_size", "grad_accum", "max_iters", "lr_decay_iters", "eval_interval",
-                     "eval_iters", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("warmup_iters", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.max_time is not None and not self.max_time > 0:
-            raise ValueError(f"max_time must be positive, got {self.max_time}")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
 
 # -----------------------------------------------------------------------------
 # Model
 
-# Normalisation is torch's nn.LayerNorm, GPT-1's: over each position's n_embd
-# features, subtract the mean, divide by the standard deviation (eps 1e-5), then
-# scale and shift by learned weight and bias.
-
-# The fused kernel below computes exactly what the written-out attention()
-# computes, only faster and in less memory. The tests switch this off to check
-# that claim.
-FUSED = True
+FUSED = True  # the fused attention kernel; the tests switch it off to check it equals the written-out one
 
 
 def attention(q, k, v, dropout_p=0.0):
-    """Masked scaled dot-product attention, written out: softmax(q k^T / sqrt(d)) v.
-
-    q, k, v (B, n_head, T, head_size) are the queries, keys and values of T
-    positions. The mask lets position i see positions 0 .. i only: a token must
-    not see the tokens it is learning to predict.
-    """
+    """Masked scaled dot-product attention, softmax(q k^T / sqrt(head_size)) v, for q, k, v
+    (B, n_head, T, head_size): position i sees positions 0 .. i, not the tokens it predicts."""
+    if FUSED:  # one kernel
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     T = q.size(-2)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~causal, float("-inf"))
-    att = F.softmax(att, dim=-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
     att = F.dropout(att, dropout_p)  # GPT-1's attention dropout: on the weights
     return att @ v  # (B, n_head, T, head_size)
 
 
-def fused_attention(q, k, v, dropout_p=0.0):
-    """attention() through F.scaled_dot_product_attention: one kernel that never
-    holds the (T, T) weight matrix when it can avoid it."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-
-
 class CausalSelfAttention(nn.Module):
-    """Masked multi-head self-attention: each position takes a weighted mix of the
-    values of itself and the positions before it, weighted by how well its query
-    matches their keys, in n_head independent heads whose outputs are concatenated
-    and projected back into the residual stream."""
+    """Masked multi-head self-attention: each position mixes the values of the positions up
+    to itself, weighted by how well its query matches their keys, in n_head heads."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # merged heads -> residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # joined heads -> residual stream
 
     def forward(self, x):
         B, T, C = x.size()  # batch, tokens, n_embd
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_size)
         dropout_p = self.dropout if self.training else 0.0
-        y = (fused_attention if FUSED else attention)(q, k, v, dropout_p)  # (B, n_head, T, head_size)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        y = attention(q, k, v, dropout_p)  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network: widen to 4 * n_embd, ReLU, project back."""
+    """The position-wise feed-forward network: widen to 4 * n_embd, ReLU, project back. (The
+    paper already used GELU; ReLU here lets GELU show as one of gpt2.py's changes.)"""
 
     def __init__(self, config):
         super().__init__()
@@ -190,19 +118,13 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x):
-        x = self.c_fc(x)  # (B, T, 4 * n_embd)
-        # ReLU, max(0, x): the classic Transformer's. The GPT-1 paper itself already
-        # used GELU; this file keeps ReLU so that GELU shows as one of gpt2.py's changes.
-        x = F.relu(x)
+        x = F.relu(self.c_fc(x))  # (B, T, 4 * n_embd)
         return F.dropout(self.c_proj(x), self.dropout, self.training)  # (B, T, n_embd)
 
 
 class Block(nn.Module):
-    """One Transformer layer, Post-LN as in the original Transformer: LN(x + Attn(x)),
-    then LN(x + MLP(x)). The residual stream itself is normalised after every
-    sub-block, so no path from the loss to the first layers bypasses the
-    LayerNorms: Post-LN needs a learning-rate warmup to train stably, and deep
-    stacks may not train at all (Xiong et al., 2020), which gpt2.py's Pre-LN fixes."""
+    """One Transformer layer, Post-LN: LN(x + Attn(x)), then LN(x + MLP(x)). No path from the
+    loss bypasses the norms, so it needs warmup and a small learning rate (Xiong et al., 2020)."""
 
     def __init__(self, config):
         super().__init__()
@@ -217,11 +139,8 @@ class Block(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick the next token (B, 1) from the last position's logits (B, vocab_size).
-
-    temperature 0 is greedy; otherwise logits are divided by the temperature, then
-    optionally only the top_k most likely tokens are kept, and of those only the
-    smallest set whose probability adds up to top_p (nucleus sampling)."""
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0, else
+    from softmax(logits / temperature) over the top_k likeliest, of those the fewest holding top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -231,17 +150,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
     if top_p is not None and top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the tokens before it already hold top_p: the most
-        # likely token is always kept.
+        # Drop a token once those before it hold top_p: the likeliest always stays.
         dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
     return torch.multinomial(probs, num_samples=1)
 
 
 class GPT(nn.Module):
-    """The language model: embeddings, n_layer blocks and a head that turns each
-    position's vector into logits over the next token. No final LayerNorm: the
-    last block's output is layer-normalised already."""
+    """The language model: embeddings, n_layer blocks (the last one's output normalised
+    already) and a head that turns each position's vector into logits over the next token."""
 
     def __init__(self, config):
         super().__init__()
@@ -252,35 +169,27 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (as in GPT-1 and GPT-2): reading a token in and predicting it
-        # out share one matrix, which saves parameters and trains both from every token.
+        # Weight tying (GPT-1, GPT-2): reading a token in and predicting it out share
+        # one matrix, which saves parameters and trains both from every token.
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        """GPT-1's initialisation: N(0, 0.02) weights, zero biases. "Since layernorm
-        is used extensively throughout the model, a simple weight initialization of
-        N(0, 0.02) was sufficient": each block re-normalises the residual stream, so
-        its variance cannot grow with depth."""
-        if isinstance(module, nn.Linear):
+        """GPT-1's: N(0, 0.02) weights, zero biases, "sufficient" as LayerNorm is everywhere."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Parameters to train; the tied head and token embedding count once."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        """Logits (B, T, vocab_size) for the token ids idx (B, T), and, given targets
-        (B, T), the mean cross-entropy loss; else None."""
+        """Logits (B, T, vocab_size) for the token ids idx (B, T); given targets (B, T), the loss."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"{T} tokens do not fit the context of {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
+        check(T <= self.config.block_size, f"{T} tokens do not fit the context of {self.config.block_size}")
+        x = self.transformer.wte(idx) + self.transformer.wpe.weight[:T]  # (B, T, n_embd)
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
             x = block(x)  # (B, T, n_embd)
@@ -288,37 +197,24 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p))
-        return torch.cat([idx, *new], dim=1)
+        """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p)], dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """Yield max_new_tokens new tokens (B, 1), one at a time, as they are sampled.
-
-        Every step runs the whole window, the last block_size tokens, through the
-        model, although only its newest token is new: the keys and values of all
-        the others are computed again, step after step, so each token costs a
-        whole context's work. That is the cost gpt2.py's KV-cache removes.
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Each step runs the whole window,
+        although only its newest token is new: the cost that gpt2.py's KV-cache removes."""
+        check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
+        check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
+        check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
         B, T = idx.size()
-        if T == 0:
-            raise ValueError("generation needs at least one token to start from")
-        block_size = self.config.block_size
+        check(T > 0, "generation needs at least one token to start from")
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
         for t in range(T, T + max_new_tokens):  # t: tokens so far
-            x = tokens[:, max(0, t - block_size) : t]  # (B, <= block_size): the whole window
+            x = tokens[:, max(0, t - self.config.block_size) : t]  # (B, <= block_size): the window
             logits, _ = self(x)  # (B, T_x, vocab_size)
             tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
             yield tokens[:, t : t + 1]
@@ -329,40 +225,24 @@ class GPT(nn.Module):
 
 
 def load_tokens(path):
-    """A .bin file of bpe.prepare_corpus as a 1-D uint16 tensor: 2 bytes a token,
-    with no int64 copy of the whole corpus."""
-    path = Path(path)
-    return torch.from_file(str(path), dtype=torch.uint16, size=path.stat().st_size // 2)
-
-
-def windows(tokens, starts, length):
-    """The token windows tokens[s : s + length] for each s in starts: (len(starts), length),
-    as int64 (only these few windows are widened, not the corpus)."""
-    return tokens[starts[:, None] + torch.arange(length)].long()
+    """A .bin file of bpe.prepare_corpus as a 1-D uint16 tensor, 2 bytes a token."""
+    return torch.from_file(str(path), dtype=torch.uint16, size=Path(path).stat().st_size // 2)
 
 
 def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
-    """A batch of random windows of block_size + 1 tokens: inputs x (B, block_size)
-    and targets y (B, block_size), y being x shifted one token ahead.
-
-    Every process draws the starts of all processes' batches from an identically
-    seeded generator and keeps its own share, so that the generator's state is the
-    same everywhere (one state to checkpoint) and 2 processes with batch B see the
-    batch 1 process with batch 2 * B would see."""
+    """Random windows: inputs x (B, block_size) and targets y, x shifted one token ahead.
+    Every process draws all processes' starts and keeps its share: one generator state."""
     starts = torch.randint(len(tokens) - block_size, (world_size * batch_size,), generator=generator)
-    window = windows(tokens, starts[rank * batch_size : (rank + 1) * batch_size], block_size + 1)
+    window = tokens[starts[rank * batch_size : (rank + 1) * batch_size, None] + torch.arange(block_size + 1)].long()
     return window[:, :-1], window[:, 1:]
 
 
 def sequential_batches(tokens, batch_size, block_size):
-    """Every token of `tokens` predicted once, in order: consecutive windows of
-    block_size + 1 tokens, overlapping by one, batch_size at a time; a shorter
-    window last. Yields (x, y) like get_batch."""
+    """(x, y) as get_batch's, predicting every token once, in order: windows overlapping by one."""
     n_full = (len(tokens) - 1) // block_size
+    x, y = (tokens[i : i + n_full * block_size].long().view(n_full, block_size) for i in (0, 1))
     for first in range(0, n_full, batch_size):
-        starts = torch.arange(first, min(first + batch_size, n_full)) * block_size
-        window = windows(tokens, starts, block_size + 1)
-        yield window[:, :-1], window[:, 1:]
+        yield x[first : first + batch_size], y[first : first + batch_size]
     rest = tokens[n_full * block_size :].long()
     if len(rest) > 1:
         yield rest[None, :-1], rest[None, 1:]
@@ -372,73 +252,86 @@ def sequential_batches(tokens, batch_size, block_size):
 # Training
 
 
+def duration(text):
+    """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
+    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]] if text[-1:] in ("s", "m", "h") else float(text)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, optimisation, schedule, bookkeeping."""
+
+    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="folder of UTF-8 .txt novels"))
+    out_dir: str = arg(f"checkpoints/{MODEL}", "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+    batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
+    lr: float = arg(6e-4, "peak learning rate, reached at the end of warmup (Post-LN stalls at 3e-3)")
+    warmup_iters: int = arg(200, "steps of linear warmup")
+    max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
+    weight_decay: float = arg(0.1, "AdamW's decoupled weight decay, on weight matrices only")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    eval_interval: int = arg(100, "steps between evaluations and checkpoints")
+    eval_iters: int = arg(10, "batches per split in each evaluation")
+    max_time: float | None = arg(None, "stop and save after this long: 90s, 30m, 1h", type=duration)
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, else cpu)")
+    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where the hardware has it)")
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(False, "continue the run in out_dir")
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+
+
 def configure_optimizer(model, cfg, device):
-    """AdamW; weight decay only on the weight matrices (linear and embedding
-    weights, the parameters with 2 dimensions). Pulling biases and LayerNorm gains
-    toward zero would only fight what they are for."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # betas (0.9, 0.95), GPT-3's: a shorter memory of the squared gradient than
-    # the default 0.999 reacts sooner when the gradient's scale changes.
-    fused = device.type in ("cuda", "cpu")  # one kernel per step for all parameters
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas (0.9, 0.95), decaying
+    only the weight matrices: pulling biases and norm gains to zero fights their purpose."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
 
 
 def get_lr(step, cfg):
-    """Learning rate for step (0-based): linear warmup to cfg.lr, then a cosine
-    down to cfg.lr / 10 at lr_decay_iters, then flat."""
-    min_lr = cfg.lr / 10
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
-    if step >= cfg.lr_decay_iters:
-        return min_lr
-    progress = (step - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))  # 0 -> 1
+    return cfg.lr / 10 + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr / 10)
 
 
 def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank=0, world_size=1):
-    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss.
-    Under DistributedDataParallel the gradients are averaged across processes on
-    the last micro-batch only: the others skip that exchange (no_sync)."""
-    total = 0.0
-    for micro_step in range(cfg.grad_accum):
-        x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        syncing = micro_step == cfg.grad_accum - 1 or not isinstance(model, DistributedDataParallel)
-        with nullcontext() if syncing else model.no_sync():
-            with autocast:
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-        total += loss.detach() / cfg.grad_accum
+    """One optimizer step on a random batch (under DDP, backward() averages over processes)."""
+    x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+    with autocast:
+        _, loss = model(x.to(device), y.to(device))
+    loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return loss.detach()
 
 
 @torch.no_grad()
-def evaluate(model, batches, char_counts, device, autocast=None):
-    """Mean loss per token (nats) and bits per character over batches of (x, y).
-
-    Bits per character = total nats / ln 2 / characters of the targets' text:
-    unlike loss per token, it does not depend on the tokenizer, so models with
-    any vocabulary compare on one scale. char_counts (vocab_size,) says how many
-    characters each token adds. Under torchrun the totals are summed over processes."""
-    was_training = model.training
+def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
+    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast or nullcontext():
-            logits, _ = model(x)
+        with autocast:
+            logits, _ = model(x.to(device))
+        y = y.to(device)
         totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         totals[1] += y.numel()
         totals[2] += char_counts[y].sum()
-    model.train(was_training)
+    model.train()
     if dist.is_initialized():
         dist.all_reduce(totals)
     nats, n_tokens, n_chars = totals.tolist()
@@ -446,316 +339,144 @@ def evaluate(model, batches, char_counts, device, autocast=None):
 
 
 def save_checkpoint(path, model, optimizer, step, tok, batch_generator):
-    """Everything needed to continue exactly: weights, optimizer, step, the random
-    states (dropout, batches), the config as a plain dict and the tokenizer's
-    fingerprint. Written to a temporary file beside it, then renamed over it, so
-    that a crash leaves the old checkpoint or the new one, never half of one."""
-    checkpoint = {
-        "model": MODEL,
-        "config": asdict(model.config),
-        "tokenizer": tok.fingerprint,
-        "step": step,
-        "weights": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()},
-    }
-    if torch.cuda.is_available():
-        checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state()
+    """All it takes to continue exactly, the config as a plain dict, the tokenizer's
+    fingerprint; written beside, then renamed over it: a crash leaves old or new."""
+    rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}  # dropout's and the batches'
+    checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
+                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
-        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_torch_file(path):
-    """torch.load with weights_only: tensors and plain data, no code run from the
-    file. Any failure to read it is one sentence."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...: each fails in its own way
-        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
-
-
 def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint, checked; anything else is refused
-    with one sentence that says what is wrong."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first with `python gpt1.py train`")
-    checkpoint = load_torch_file(path)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by gpt1.py")
-    if checkpoint["model"] != MODEL:
-        raise ValueError(f"{path} is a checkpoint of {checkpoint['model']!r}, not of {MODEL!r}")
+    """The run at path (ckpt.pt, tokenizer.json beside it): GPT, tokenizer, checkpoint dict.
+    Refused in one sentence if missing, unreadable, incomplete, or of another model or tokenizer."""
+    check(path.is_file(), f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    try:  # tensors and plain data only (weights_only): no code runs from the file
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, a foreign pickle, ...: each fails its own way
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}" if kind else f"{path} is no checkpoint")
     missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
-    if missing:
-        raise ValueError(f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, path):
-    """Build the GPT a checkpoint describes and load its weights. Names that
-    torch.compile (_orig_mod.) or DistributedDataParallel (module.) prefixed are
-    accepted too."""
-    weights = {re.sub(r"^(_orig_mod\.|module\.)+", "", name): w for name, w in checkpoint["weights"].items()}
+    check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
+    tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint, f"{path} was trained with another tokenizer.json")
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(weights)
+        model.load_state_dict(checkpoint["weights"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({str(e).splitlines()[0]})") from None
-    return model
-
-
-def check_tokenizer(checkpoint, tok, path):
-    """Token ids mean nothing with another tokenizer: refuse the mix."""
-    if checkpoint["tokenizer"] != tok.fingerprint:
-        raise ValueError(f"{path} was trained with another tokenizer than {path.parent / 'tokenizer.json'}")
-
-
-def resume(checkpoint, path, model, optimizer, batch_generator):
-    """Load a run's state from its checkpoint; return the step to continue from."""
-    theirs, ours = checkpoint["config"], asdict(model.config)
-    if theirs != ours:
-        differ = ", ".join(f"{k}={theirs.get(k)} (asked: {v})" for k, v in ours.items() if theirs.get(k) != v)
-        raise ValueError(f"{path} has another model shape: {differ}; give the same flags to resume")
-    model.load_state_dict(model_from_checkpoint(checkpoint, path).state_dict())
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    batch_generator.set_state(checkpoint["rng"]["batches"])
-    if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    return checkpoint["step"]
+        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
+    return model, tok, checkpoint
 
 
 def pick_device(name, local_rank=0):
-    """torch.device for --device: auto picks cuda, then mps, then cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but CUDA is not available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps, but MPS is not available here")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def mixed_precision(device, dtype):
-    """The autocast context for training: matrix products in bfloat16, while the
-    weights, the optimizer and the reductions (softmax, norms, loss) stay float32.
-    bfloat16 has float32's exponent range, so unlike float16 it needs no loss
-    scaling. auto takes it where the hardware computes it natively: CUDA GPUs
-    since Ampere, CPUs with AVX512-BF16 or AMX (1.5x float32's speed on a 2-core
-    AVX512-BF16 machine); elsewhere it is emulated, slower than float32. On CUDA,
-    float32 matmuls use TF32 either way: float32's range, about 8x the speed."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if dtype == "auto":
-        native = {
-            "cuda": lambda: torch.cuda.is_bf16_supported(including_emulation=False),
-            "cpu": lambda: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
-        }
-        dtype = "bfloat16" if device.type in native and native[device.type]() else "float32"
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-
-
-def prepare_data(cfg, vocab_size, rank, log):
-    """bpe.prepare_corpus: the tokenizer and the encoded splits, made once and
-    cached in out_dir. A tokenizer already there is kept, whatever its size: the
-    model takes its vocabulary from the tokenizer. Under torchrun, process 0 makes
-    them while the others wait, then the others load what it made."""
-    if rank != 0:
-        dist.barrier()
-    if (Path(cfg.out_dir) / "tokenizer.json").exists():
-        vocab_size = None
-    tok, train_path, val_path = bpe.prepare_corpus(cfg.data_dir, cfg.out_dir, vocab_size, log=log)
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
-    return tok, load_tokens(train_path), load_tokens(val_path)
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) during training asks the loop to stop after the current
-    step, so that the checkpoint it saves is a clean state to resume from. A
-    second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
-
-
-def agree(*flags, device):
-    """Stop flags as every process sees them. Under torchrun all processes must
-    stop at the same step, or the others would wait forever for the gradients of
-    the one that left: a flag raised in any process counts for all."""
-    if not dist.is_initialized():
-        return flags
-    flags = torch.tensor(flags, dtype=torch.float32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return tuple(bool(flag) for flag in flags.tolist())
-
-
-class CsvLog:
-    """One row per evaluation in out_dir/log.csv (appended to when resuming)."""
-
-    COLUMNS = ["step", "lr", "train_loss", "train_bpc", "val_loss", "val_bpc", "tokens_per_s", "elapsed_s"]
-
-    def __init__(self, path, append):
-        self.path = path
-        if not (append and path.exists()):
-            with open(path, "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerow(self.COLUMNS)
-
-    def write(self, **row):
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, self.COLUMNS).writerow(row)
-
-
-def format_duration(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-class Trainer:
-    """One process's training run: the data, the model and its optimizer, the
-    random state, and the loop that steps, logs, evaluates and checkpoints."""
-
-    def __init__(self, config, cfg, device, rank=0, world_size=1):
-        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
-        self.log = print if rank == 0 else lambda *args, **kwargs: None
-        self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-        checkpoint = None
-        if cfg.resume:  # fail before any work
-            checkpoint = load_checkpoint(self.ckpt_path)
-            check_tokenizer(checkpoint, bpe.Tokenizer.load(self.ckpt_path.parent / "tokenizer.json"), self.ckpt_path)
-        self.tok, self.train_tokens, self.val_tokens = prepare_data(cfg, config.vocab_size, rank, self.log)
-        self.config = replace(config, vocab_size=self.tok.vocab_size)  # a tiny text may stop BPE early
-        for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
-            if len(tokens) <= self.config.block_size:
-                raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = "
-                                 f"{self.config.block_size + 1}: use more text or a smaller --block-size")
-
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        self.model = GPT(self.config).to(device)
-        self.optimizer = configure_optimizer(self.model, cfg, device)
-        self.batch_generator = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        if checkpoint is not None:
-            self.step = resume(checkpoint, self.ckpt_path, self.model, self.optimizer, self.batch_generator)
-            self.log(f"resuming from {self.ckpt_path} at step {self.step}")
-        elif self.ckpt_path.exists():
-            self.log(f"starting a new run: {self.ckpt_path} will be overwritten (--resume continues it instead)")
-
-        self.autocast = mixed_precision(device, cfg.dtype)
-        # What the loop calls: compiled and/or wrapped. self.model stays the plain
-        # GPT, whose state_dict has no _orig_mod. or module. prefixes.
-        self.trained = torch.compile(self.model) if cfg.compile else self.model
-        if world_size > 1:
-            self.trained = DistributedDataParallel(self.trained, device_ids=[device] if device.type == "cuda" else None)
-        self.char_counts = torch.tensor(self.tok.char_counts(), device=device)
-        self.csv_log = CsvLog(Path(cfg.out_dir) / "log.csv", append=checkpoint is not None) if rank == 0 else None
-        precision = "bfloat16 autocast" if isinstance(self.autocast, torch.autocast) else "float32"
-        self.log(f"{MODEL}: {self.model.num_params() / 1e6:.2f}M parameters, {self.config}")
-        self.log(f"tokens: {len(self.train_tokens):,} train, {len(self.val_tokens):,} val | {device}, {precision}, "
-                 f"{world_size} process(es)")
-
-    def run(self):
-        """Step to max_iters, or until --max-time or Ctrl-C; evaluate and save every
-        eval_interval steps and at the end."""
-        cfg = self.cfg
-        if self.step >= cfg.max_iters:
-            self.log(f"{self.ckpt_path} is at step {self.step} already: give a larger --max-iters to go on")
-            return
-        start, first_step = time.time(), self.step
-        window_start, window_steps = start, 0  # for tokens/s, evaluations left out
-        tokens_per_step = cfg.batch_size * self.config.block_size * cfg.grad_accum * self.world_size
-        with StopRequest() as stop:
-            while self.step < cfg.max_iters:
-                lr = get_lr(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss = train_step(self.trained, self.optimizer, self.train_tokens, cfg, self.config,
-                                  self.batch_generator, self.device, self.autocast, self.rank, self.world_size)
-                self.step += 1
-                window_steps += 1
-                elapsed = time.time() - start
-                interrupted, out_of_time = agree(stop.requested, cfg.max_time is not None and elapsed > cfg.max_time,
-                                                 device=self.device)
-                if interrupted:
-                    self.save()
-                    self.log(f"interrupted at step {self.step}: saved {self.ckpt_path}; --resume continues")
-                    return
-                tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
-                if self.step == first_step + 1 or self.step % cfg.log_interval == 0:
-                    self.log(f"step {self.step}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                             f"{tokens_per_s:,.0f} tok/s")
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters or out_of_time:
-                    eta = (cfg.max_iters - self.step) * elapsed / (self.step - first_step)
-                    if cfg.max_time is not None:
-                        eta = min(eta, max(0.0, cfg.max_time - elapsed))
-                    self.evaluate_and_save(lr, tokens_per_s, elapsed, eta)
-                    window_start, window_steps = time.time(), 0
-                if out_of_time and self.step < cfg.max_iters:
-                    self.log(f"stopped by --max-time at step {self.step}; --resume continues")
-                    return
-        self.log(f"done: saved {self.ckpt_path}")
-
-    def evaluate_and_save(self, lr, tokens_per_s, elapsed, eta):
-        """Loss and bits per character on both splits (on the same batches each time,
-        so that the numbers compare), one line of report, one CSV row, a checkpoint."""
-        results = []
-        for tokens in (self.train_tokens, self.val_tokens):
-            generator = torch.Generator().manual_seed(self.cfg.seed + 1)
-            batches = (get_batch(tokens, self.cfg.batch_size, self.config.block_size, generator, self.rank,
-                                 self.world_size) for _ in range(self.cfg.eval_iters))
-            results += evaluate(self.trained, batches, self.char_counts, self.device, self.autocast)
-        train_loss, train_bpc, val_loss, val_bpc = results
-        self.log(f"eval step {self.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | val loss {val_loss:.4f}, "
-                 f"{val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {format_duration(elapsed)} | "
-                 f"ETA {format_duration(eta)}")
-        if self.csv_log:
-            self.csv_log.write(step=self.step, lr=lr, train_loss=train_loss, train_bpc=train_bpc, val_loss=val_loss,
-                               val_bpc=val_bpc, tokens_per_s=round(tokens_per_s), elapsed_s=round(elapsed, 1))
-        self.save()
-
-    def save(self):
-        if self.rank == 0:
-            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.step, self.tok, self.batch_generator)
+    """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
+    accelerator = torch.accelerator.current_accelerator()
+    kinds = ["cpu", accelerator.type] if accelerator else ["cpu"]
+    name = kinds[-1] if name == "auto" else name
+    check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
 def train(config, cfg):
-    """Train a GPT of shape `config` on cfg.data_dir, writing to cfg.out_dir; return
-    the model. Under torchrun, one process per device, joined by DistributedDataParallel."""
+    """Train a GPT of shape `config` on cfg.data into cfg.out_dir; return the model. Under
+    torchrun: one process per device, joined by DistributedDataParallel (DDP)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    log = print if rank == 0 else lambda *args: None
+    out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
+        dist.barrier()
+    vocab_size = None if (out_dir / "tokenizer.json").exists() else config.vocab_size  # a tokenizer there stays
+    tok, *paths = bpe.prepare_corpus(cfg.data, out_dir, vocab_size, log=log)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(paths[0]), "val": load_tokens(paths[1])}
+    config = replace(config, vocab_size=tok.vocab_size)  # a tiny text stops BPE early
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size, f"the {split} split has {len(tokens)} tokens, too few for a window")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = GPT(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    batch_generator, step = torch.Generator().manual_seed(cfg.seed), 0
+    if checkpoint:
+        check(checkpoint["config"] == asdict(config), f"{ckpt_path} has another shape: give the same flags to resume")
+        model.load_state_dict(checkpoint["weights"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        batch_generator.set_state(checkpoint["rng"]["batches"])
+        step = checkpoint["step"]
+        log(f"resuming from {ckpt_path} at step {step}")
+    if not checkpoint and rank == 0:
+        csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s\n")
+    cpu = torch.cpu.get_capabilities()  # auto: bfloat16 matmuls where the hardware has them (CUDA, AVX512-BF16, AMX)
+    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
+        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
+    bfloat16 = cfg.dtype == "bfloat16" or cfg.dtype == "auto" and native  # float32's range: no loss scaling
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)  # the rest stays float32
+    trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain GPT
+    if world_size > 1:
+        trained = DistributedDataParallel(trained)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
+        f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
+
+    stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
+
+    def request_stop(*signal_args):
+        if stop:
+            signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
+        stop.append(True)
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous_handler, start, first_step, stopping = signal.signal(signal.SIGINT, request_stop), time.time(), step, False
     try:
-        trainer = Trainer(config, cfg, device, rank, world_size)
-        trainer.run()
-        return trainer.model
+        while step < cfg.max_iters and not stopping:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            loss = train_step(trained, optimizer, splits["train"], cfg, config, batch_generator, device, autocast,
+                              rank, world_size)
+            step, elapsed = step + 1, time.time() - start
+            tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
+            if step == first_step + 1 or step % 10 == 0:
+                log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
+            stopping = bool(stop) or cfg.max_time is not None and elapsed > cfg.max_time
+            if world_size > 1:  # a stop in one process stops all, or the rest would wait for its gradients forever
+                stopping = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+                stopping = bool(stopping)
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:  # evaluate, log, save
+                row = [step, lr]
+                for tokens in splits.values():  # the same batches each time, so that the numbers compare
+                    generator = torch.Generator().manual_seed(cfg.seed + 1)
+                    batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
+                               for _ in range(cfg.eval_iters))
+                    row += evaluate(trained, batches, char_counts, device, autocast)
+                eta = (cfg.max_iters - step) * elapsed / (step - first_step)
+                log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
+                    f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
+                    f"ETA {timedelta(seconds=round(min(eta, cfg.max_time - elapsed) if cfg.max_time else eta))}")
+                if rank == 0:
+                    with open(csv_path, "a", newline="", encoding="utf-8") as f:
+                        csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
+                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
+        log(f"stopped by {'Ctrl-C' if stop else '--max-time'} at step {step}: saved {ckpt_path}; --resume continues"
+            if step < cfg.max_iters else f"done: {ckpt_path} is at step {step}")
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         if world_size > 1:
             dist.destroy_process_group()
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -763,45 +484,33 @@ def train(config, cfg):
 
 
 def load_trained(out_dir, device):
-    """The model and tokenizer of a finished (or interrupted) run in out_dir."""
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    checkpoint = load_checkpoint(ckpt_path)
-    tok = bpe.Tokenizer.load(out_dir / "tokenizer.json")
-    check_tokenizer(checkpoint, tok, ckpt_path)
-    model = model_from_checkpoint(checkpoint, ckpt_path)
+    """The model and tokenizer of the run in out_dir."""
+    model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
     return model.to(device).eval(), tok
 
 
 def cmd_sample(args):
-    """`python gpt1.py sample`: stream generated text to stdout, the speed to stderr."""
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
+    """`sample`: stream generated text to stdout, the speed to stderr."""
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
     prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
-    prompt_ids = [tok.eot_id] + tok.encode(prompt)  # a document starts after <|endoftext|>, as in training
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    idx = torch.tensor([[tok.eot_id] + tok.encode(prompt)], device=device)  # a text starts after <|endoftext|>
     torch.manual_seed(args.seed)
     n_tokens, start = 0, time.time()
 
-    def new_ids():  # the sampled ids, up to <|endoftext|> unless told otherwise
+    def new_ids():  # the sampled ids, up to <|endoftext|>
         nonlocal n_tokens
         for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
-            n_tokens += 1
-            id = token.item()  # one sync with the device per token
-            if id == tok.eot_id and not args.ignore_eot:
+            n_tokens, id = n_tokens + 1, token.item()  # one sync with the device per token
+            if id == tok.eot_id:
                 return
             yield id
 
-    for i in range(args.num_samples):
-        sys.stdout.write(("\n---------------\n" if i else "") + prompt)
-        for text in tok.decode_stream(new_ids()):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    seconds = time.time() - start
-    print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+    print(prompt, end="")
+    for text in tok.decode_stream(new_ids()):
+        print(text, end="", flush=True)
+    print()
+    print(f"{n_tokens} tokens in {time.time() - start:.2f}s", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -815,116 +524,60 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where the help says what its absence means."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def parse_duration(text):
-    """'90s', '30m', '1.5h' or a bare number of seconds -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", text)
-    if not match or float(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m or 1h")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+def add_fields(parser, config_class, *names):
+    """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
+    for f in fields(config_class):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool and (not names or f.name in names):
+            parser.add_argument(flag, action="store_true", help=help)
+        elif not names or f.name in names:  # int | None takes an int
+            kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            parser.add_argument(flag, type=kind, default=default, help=help)
 
 
 def cmd_train(args):
-    """`python gpt1.py train`: the flags become a GPTConfig and a TrainConfig."""
+    """`train`: the flags become a GPTConfig and a TrainConfig."""
     config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     train(config, cfg)
 
 
 def cmd_eval(args):
-    """`python gpt1.py eval`: loss and bits per character of a checkpoint, on the
-    validation novels or on a text file, every token once."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    """`eval`: loss and bits per character on the validation novels or a file."""
+    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
     if args.text:
-        source = args.text
         tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in the .bin files
     else:
-        _, _, val_path = bpe.prepare_corpus(args.data, args.out_dir, log=print)
-        source, tokens = f"validation split of {args.data}", load_tokens(val_path)
-    char_counts = torch.tensor(tok.char_counts(), device=device)
-    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
-    loss, bpc = evaluate(model, batches, char_counts, device)
-    print(f"{source}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
+        tokens = load_tokens(bpe.prepare_corpus(args.data, args.out_dir, log=print)[2])
+    loss, bpc = evaluate(model, sequential_batches(tokens, args.batch_size, model.config.block_size),
+                         torch.tensor(tok.char_counts(), device=device), device)
+    print(f"{args.text or f'validation split of {args.data}'}: loss {loss:.4f} per token, {bpc:.4f} bits per "
+          f"character ({len(tokens) - 1:,} tokens)")
 
 
 def build_parser():
-    parser = ArgumentParser(prog="gpt1.py", description=__doc__.split("\n\n")[0].strip())
+    parser = ArgumentParser(prog=f"{MODEL}.py", description=__doc__.split("\n\n")[0].strip())
     commands = parser.add_subparsers(dest="command", required=True)
-    model, run = GPTConfig(), TrainConfig()
 
-    train_args = commands.add_parser("train", help="train a model", formatter_class=HelpFormatter)
-    train_args.add_argument("--data", dest="data_dir", default=run.data_dir,
-                            help="folder of UTF-8 .txt novels (env CORPUS_DIR)")
-    train_args.add_argument("--out-dir", default=run.out_dir,
-                            help="tokenizer.json, train.bin, val.bin, ckpt.pt and log.csv go here")
-    train_args.add_argument("--vocab-size", type=int, default=model.vocab_size,
-                            help="vocabulary of the BPE tokenizer trained if out-dir has none "
-                                 "(an existing tokenizer.json keeps its own)")
-    train_args.add_argument("--block-size", type=int, default=model.block_size, help="context length in tokens")
-    train_args.add_argument("--n-layer", type=int, default=model.n_layer, help="Transformer blocks")
-    train_args.add_argument("--n-head", type=int, default=model.n_head, help="attention heads per block")
-    train_args.add_argument("--n-embd", type=int, default=model.n_embd, help="embedding (residual stream) width")
-    train_args.add_argument("--dropout", type=float, default=model.dropout,
-                            help="dropout probability (0 suits runs shorter than an epoch)")
-    train_args.add_argument("--batch-size", type=int, default=run.batch_size,
-                            help="sequences per micro-batch, per process")
-    train_args.add_argument("--grad-accum", type=int, default=run.grad_accum, help="micro-batches per step")
-    train_args.add_argument("--lr", type=float, default=run.lr, help="peak learning rate")
-    train_args.add_argument("--warmup-iters", type=int, default=run.warmup_iters, help="steps of linear warmup")
-    train_args.add_argument("--max-iters", type=int, default=run.max_iters, help="optimizer steps in the run")
-    train_args.add_argument("--lr-decay-iters", type=int, default=None,
-                            help="step where the cosine decay reaches lr/10 (default: max-iters)")
-    train_args.add_argument("--weight-decay", type=float, default=run.weight_decay,
-                            help="AdamW weight decay on weight matrices")
-    train_args.add_argument("--grad-clip", type=float, default=run.grad_clip, help="max gradient norm (0: off)")
-    train_args.add_argument("--eval-interval", type=int, default=run.eval_interval,
-                            help="steps between evaluations and checkpoints")
-    train_args.add_argument("--eval-iters", type=int, default=run.eval_iters, help="batches per split per evaluation")
-    train_args.add_argument("--log-interval", type=int, default=run.log_interval, help="steps between progress lines")
-    train_args.add_argument("--max-time", type=parse_duration, default=run.max_time,
-                            help="stop cleanly after this much time, e.g. 90s, 30m, 1h (default: no limit)")
-    train_args.add_argument("--seed", type=int, default=run.seed, help="random seed")
-    train_args.add_argument("--device", default=run.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    train_args.add_argument("--dtype", default=run.dtype, choices=["auto", "bfloat16", "float32"],
-                            help="precision of the matrix products (auto: bfloat16 where the hardware has it)")
-    train_args.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train_args.add_argument("--resume", action="store_true", help="continue the run saved in out-dir")
-    train_args.set_defaults(run=cmd_train)
+    def command(name, help, run, *run_fields):
+        sub = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(run=run)
+        add_fields(sub, TrainConfig, *run_fields)
+        return sub
 
-    sample_args = commands.add_parser("sample", help="generate text", formatter_class=HelpFormatter)
-    sample_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
-    prompt = sample_args.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="the start of the text to write (default: none, a blank page)")
-    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (default: none)")
-    sample_args.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    sample_args.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
-    sample_args.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only (default: all)")
-    sample_args.add_argument("--top-p", type=float,
-                             help="sample from the likeliest tokens holding this probability (default: all)")
-    sample_args.add_argument("--num-samples", type=int, default=1, help="how many samples")
-    sample_args.add_argument("--seed", type=int, default=1337, help="random seed")
-    sample_args.add_argument("--ignore-eot", action="store_true",
-                             help="go on past <|endoftext|> instead of stopping there")
-    sample_args.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    sample_args.set_defaults(run=cmd_sample)
-
-    eval_args = commands.add_parser("eval", help="loss and bits per character of a checkpoint",
-                                    formatter_class=HelpFormatter)
-    eval_args.add_argument("--data", default=run.data_dir, help="corpus whose validation split to score")
-    eval_args.add_argument("--out-dir", default=run.out_dir, help="where ckpt.pt and tokenizer.json are")
-    eval_args.add_argument("--text", help="score this UTF-8 text file (default: the validation split)")
-    eval_args.add_argument("--batch-size", type=int, default=run.batch_size, help="windows per forward pass")
-    eval_args.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    eval_args.set_defaults(run=cmd_eval)
+    add_fields(command("train", "train a model", cmd_train), GPTConfig)
+    sample = command("sample", "generate text", cmd_sample, "out_dir", "seed", "device")
+    sample.add_argument("--prompt", help="the start of the text to write (default: a blank page)")
+    sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
+    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
+    sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
+    command("eval", "loss and bits per character of a checkpoint", cmd_eval, "data", "out_dir", "batch_size",
+            "device").add_argument("--text", help="score this UTF-8 file, not the validation split")
     return parser
 
 
