@@ -31,7 +31,8 @@ def train_speed(module, model, config, steps):
     cfg = module.TrainConfig()
     device = torch.device("cpu")
     optimizer = module.configure_optimizer(model, cfg, device)
-    autocast = module.mixed_precision(device, cfg.dtype)
+    cpu = torch.cpu.get_capabilities()  # bfloat16 matmuls where the CPU has them, as `train` picks
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
     tokens = torch.randint(0, config.vocab_size, (1_000_000,), dtype=torch.int32).to(torch.uint16)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps + 1):

@@ -6,10 +6,9 @@ Batch 1, greedy, on the CPU: our `GPT.generate` with the KV-cache against
 at two shapes: gpt2.py's default config (5.6 M parameters, 22 MB of float32
 weights: streaming them and each step's Python and small kernels share the time)
 and GPT-2 124M's (500 MB: streaming the weights decides). A third column runs our
-generate with the weights as trained, in nn.Linear's layout and products, to
-measure what GPT.lay_out_for_decoding and gpt2.Linear's split over the threads
-buy together. The weights are random, the same for all: a random GPT2LMHeadModel
-saved with save_pretrained and read with GPT.from_pretrained.
+generate with the weights as trained, in nn.Linear's layout, to measure what
+GPT.lay_out_for_decoding buys. The weights are random, the same for all: a random
+GPT2LMHeadModel saved with save_pretrained and read with GPT.from_pretrained.
 Each runs once to warm up, then they take turns, and the best of --repeats runs counts.
 
     python benchmarks/generate_vs_hf.py           # both shapes: about 7 minutes on 2 cores
@@ -19,7 +18,6 @@ Needs transformers (requirements-dev.txt).
 """
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -43,18 +41,14 @@ QUICK = [("tiny", dict(vocab_size=300, n_positions=32, n_layer=2, n_head=2, n_em
 
 def same_weights(shape, folder):
     """A random GPT2LMHeadModel, our GPT holding the same weights, and a second GPT
-    that multiplies them as trained: in the layout they were trained in (no
-    GPT.lay_out_for_decoding) and by nn.Linear's product (no split over the
-    threads), all in eval mode."""
+    that keeps them in the layout they were trained in (no GPT.lay_out_for_decoding),
+    all in eval mode."""
     torch.manual_seed(0)
     # No end-of-text token: transformers would stop at it, and we want every new token.
     theirs = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=None, eos_token_id=None)).eval()
     theirs.save_pretrained(folder)
     ours, as_trained = gpt2.GPT.from_pretrained(folder), gpt2.GPT.from_pretrained(folder)
     as_trained.lay_out_for_decoding = lambda: None
-    for module in as_trained.modules():
-        if isinstance(module, gpt2.Linear):
-            module.split_from = math.inf
     return ours, as_trained, theirs
 
 
@@ -112,12 +106,11 @@ def compare(name, shape, prompt_length, new_tokens, repeats):
 def matrix_vector_times(name, shape, repeats=300):
     """For each weight matrix of a GPT-2 block and the head: microseconds to multiply
     one vector by it, stored as nn.Linear keeps it, (out, in) with rows of length
-    in; transposed in memory, with rows of length out; and as generation does it:
-    gpt2.Linear in the layout of GPT.lay_out_for_decoding, which deals the rows of a
-    large matrix out to all threads. Each is timed cycling through 32 MB of copies,
-    so that, as in a generation step, it comes from memory rather than from a cache
-    that has just held it."""
-    print(f"{name}: {'matrix':<12} {'in -> out':<15} {'(out, in)':>10} {'transposed':>12} {'generation':>11}")
+    in, and transposed in memory, with rows of length out, as GPT.lay_out_for_decoding
+    stores the widening ones. Each is timed cycling through 32 MB of copies, so that,
+    as in a generation step, it comes from memory rather than from a cache that has
+    just held it."""
+    print(f"{name}: {'matrix':<12} {'in -> out':<15} {'(out, in)':>10} {'transposed':>12}")
     C, V = shape["n_embd"], shape["vocab_size"]
     for matrix, in_features, out_features in [("c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_fc", C, 4 * C),
                                             ("mlp.c_proj", 4 * C, C), ("head", C, V)]:
@@ -125,10 +118,9 @@ def matrix_vector_times(name, shape, repeats=300):
         x = torch.randn(1, in_features)
         weights = [torch.randn(out_features, in_features) for _ in range(copies)]
         transposed = [w.t().contiguous().t() for w in weights]
-        generation = transposed if out_features > in_features else weights
         times = []
-        for linear, layout in ((nn.Linear, weights), (nn.Linear, transposed), (gpt2.Linear, generation)):
-            layers = [linear(in_features, out_features, bias=False) for _ in range(copies)]
+        for layout in (weights, transposed):
+            layers = [nn.Linear(in_features, out_features, bias=False) for _ in range(copies)]
             for layer, w in zip(layers, layout):
                 layer.weight.data = w
             for layer in layers[:2]:
@@ -137,8 +129,7 @@ def matrix_vector_times(name, shape, repeats=300):
             for i in range(repeats):
                 layers[i % copies](x)
             times.append((time.perf_counter() - start) / repeats * 1e6)
-        print(f"  {matrix:<12} {in_features:>5} -> {out_features:<6} {times[0]:>10.0f} {times[1]:>12.0f} "
-              f"{times[2]:>11.0f}")
+        print(f"  {matrix:<12} {in_features:>5} -> {out_features:<6} {times[0]:>10.0f} {times[1]:>12.0f}")
 
 
 def main():
@@ -156,8 +147,8 @@ def main():
           f"{'transformers':>14} {'ratio':>8}   same tokens")
     for name, shape, prompt_length, new_tokens in shapes:
         compare(name, shape, prompt_length, new_tokens, args.repeats)
-    print(f"\nOne vector times each weight matrix, microseconds: as nn.Linear stores it, (out, in); transposed "
-          f"in memory; as generation does it ({torch.get_num_threads()} threads)")
+    print(f"\nOne vector times each weight matrix, microseconds: as nn.Linear stores it, (out, in), and "
+          f"transposed in memory ({torch.get_num_threads()} threads)")
     for name, shape, *_ in shapes:
         matrix_vector_times(name, shape)
 

@@ -29,6 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpt2  # noqa: E402
 
 
+def bfloat16_autocast(device, dtype):
+    """(autocast, whether it is on): the precision `train` picks for --dtype, bfloat16 matmuls
+    where the hardware has them (auto), as gpt2.py's train() decides."""
+    cpu = torch.cpu.get_capabilities()
+    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
+        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
+    on = dtype == "bfloat16" or dtype == "auto" and native
+    return torch.autocast(device.type, torch.bfloat16, enabled=on), on
+
+
 def train_speed(config, cfg, steps, device, compile):
     """(tokens/s, model FLOPs/s) over `steps` timed optimizer steps, after 2 untimed ones."""
     torch.manual_seed(0)
@@ -37,7 +47,7 @@ def train_speed(config, cfg, steps, device, compile):
     trained = torch.compile(model) if compile else model
     tokens = torch.randint(0, config.vocab_size, (1_000_000,), dtype=torch.int32).to(torch.uint16)
     generator = torch.Generator().manual_seed(0)
-    autocast = gpt2.mixed_precision(device, cfg.dtype)
+    autocast, _ = bfloat16_autocast(device, cfg.dtype)
 
     def step():
         loss = gpt2.train_step(trained, optimizer, tokens, cfg, config, generator, device, autocast, 0, 1)
@@ -49,7 +59,7 @@ def train_speed(config, cfg, steps, device, compile):
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    tokens_per_s = steps * cfg.batch_size * config.block_size * cfg.grad_accum / seconds
+    tokens_per_s = steps * cfg.batch_size * config.block_size / seconds
     n_weights = model.num_params() - model.transformer.wpe.weight.numel()  # position lookups do no matmul
     flops_per_token = 6 * n_weights + 12 * config.n_layer * config.n_embd * config.block_size
     return tokens_per_s, tokens_per_s * flops_per_token
@@ -103,7 +113,7 @@ def main():
     else:
         config, cfg = gpt2.GPTConfig(), gpt2.TrainConfig(dtype=args.dtype)
         steps, prompt_length, new_tokens = args.steps, 16, 240
-    bfloat16 = isinstance(gpt2.mixed_precision(device, args.dtype), torch.autocast)
+    _, bfloat16 = bfloat16_autocast(device, args.dtype)
     print(f"{config}, batch {cfg.batch_size}, {torch.get_num_threads()} threads, {device}, "
           f"{'bfloat16 autocast' if bfloat16 else 'float32'} training")
 
