@@ -188,7 +188,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """Logits (B, T, vocab_size) for the token ids idx (B, T); given targets (B, T), the loss."""
         B, T = idx.size()
-        check(T <= self.config.block_size, f"{T} tokens do not fit the context of {self.config.block_size}")
+        check(T <= self.config.block_size, f"{T} tokens exceed the context of {self.config.block_size}")
         x = self.transformer.wte(idx) + self.transformer.wpe.weight[:T]  # (B, T, n_embd)
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:

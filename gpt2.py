@@ -117,8 +117,7 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer, k, v):
-        """Store one layer's k, v (B, n_head, T, head_size) at pos; return all its keys and
-        values so far (B, n_head, pos + T, head_size). GPT.forward then advances pos."""
+        """Store layer's k, v (B, n_head, T, head_size) at pos; return all so far (B, n_head, pos + T, hs)."""
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -233,9 +232,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder):
         """GPT-2 from a Hugging Face folder: see "Pretrained weights" below."""
-        model = cls(config_from_pretrained(folder))
-        load_pretrained_weights(model, folder)
-        return model.eval()
+        return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
 
     def forward(self, idx, targets=None, kv_cache=None):
         """Logits (B, T, vocab_size) for the token ids idx (B, T), and, given targets
@@ -243,8 +240,7 @@ class GPT(nn.Module):
         tokens after the cached ones, at positions kv_cache.pos, kv_cache.pos + 1, ..."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
-        check(start + T <= self.config.block_size, f"{start + T} tokens do not fit the context of "
-              f"{self.config.block_size}")
+        check(start + T <= self.config.block_size, f"{start + T} tokens exceed the context of {self.config.block_size}")
         pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, n_embd): positions start, ..., start + T - 1
         x = self.transformer.wte(idx) + pos_emb  # (B, T, n_embd)
         x = F.dropout(x, self.config.dropout, self.training)
@@ -258,9 +254,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode(False)  # stream() runs in inference mode; the weights must stay trainable
     def lay_out_for_decoding(self):
-        """Speed only, and skippable: store the widening weights (c_attn, c_fc, the
-        head) transposed in memory, the order a CPU's matrix-vector product streams
-        fastest (benchmarks/README.md). Shapes, values and results stay the same."""
+        """Speed only, skippable: the widening weights (c_attn, c_fc, head) transposed in memory, the
+        order a CPU's matrix-vector product streams fastest (benchmarks/README.md); values unchanged."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:
                 module.weight.data = module.weight.data.t().contiguous().t()  # .data: the head stays tied
@@ -271,14 +266,13 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Yield max_new_tokens new tokens (B, 1), one at a time, as they are sampled.
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each step
+        runs the whole window; with it, the first fills the cache and the others run one token.
 
-        Without the cache each step runs the window of the last block_size tokens; with
-        it, the first step fills the cache and each later one runs only the newest token.
-        Past block_size the window slides and the cache goes stale: every token gets a
-        new absolute position, and from the second layer on each key and value depends
-        on the token that just left. So it is re-filled from the window at each step:
-        as slow as no cache, but exact, where a sliding cache computes another model.
+        Past block_size the window slides and the cache goes stale: every token gets a new
+        absolute position, and from the second layer on each key and value depends on the token
+        that just left. So it is re-filled from the window at each step: as slow as no cache,
+        but exact, where a sliding cache would compute another model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy), got {temperature}")
@@ -669,6 +663,7 @@ def load_pretrained_weights(model, folder):
         model.load_state_dict(ours)  # copies, converting float16 / bfloat16 to the model's float32
     except RuntimeError as e:  # names or shapes that config.json does not make
         raise ValueError(f"{folder}'s weights do not fit GPT-2 as its config.json describes it: {e}") from None
+    return model
 
 
 def pretrained_tokenizer(folder):
