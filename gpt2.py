@@ -542,10 +542,10 @@ def train(config, cfg):
                     batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
                                for _ in range(cfg.eval_iters))
                     row += evaluate(trained, batches, char_counts, device, autocast)
-                eta = (cfg.max_iters - step) * elapsed / (step - first_step)
+                eta = min((cfg.max_iters - step) * elapsed / (step - first_step), (cfg.max_time or math.inf) - elapsed)
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
-                    f"ETA {timedelta(seconds=round(min(eta, cfg.max_time - elapsed) if cfg.max_time else eta))}")
+                    f"ETA {timedelta(seconds=round(max(0, eta)))}")
                 if rank == 0:
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
                         csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
@@ -729,7 +729,7 @@ def cmd_train(args):
     """`train`: the flags become a GPTConfig and a TrainConfig."""
     config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.init_from:  # the pretrained model's shape and tokenizer replace the flags'
+    if cfg.init_from:  # the pretrained model's shape replaces the flags'
         config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
     train(config, cfg)
 
