@@ -307,14 +307,6 @@ class Llama(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    @torch.inference_mode(False)  # stream() runs in inference mode; the weights must stay trainable
-    def lay_out_for_decoding(self):
-        """Speed only, skippable: the widening weights (gate_proj, up_proj, head) transposed in memory, the
-        order a CPU's matrix-vector product streams fastest (benchmarks/README.md); values unchanged."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()  # .data: the head stays tied
-
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], dim=1)
@@ -337,8 +329,6 @@ class Llama(nn.Module):
         check(T > 0, "generation needs at least one token to start from")
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
-        if use_cache and idx.device.type == "cpu":
-            self.lay_out_for_decoding()
         kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
         for t in range(T, T + max_new_tokens):  # t: tokens so far
             if kv_cache is not None and kv_cache.pos == t - 1 and t <= self.config.block_size:

@@ -5,10 +5,11 @@ Batch 1, greedy, on the CPU: our `GPT.generate` with the KV-cache against
 `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)`, in tokens per second,
 at two shapes: gpt2.py's default config (5.6 M parameters, 22 MB of float32
 weights: streaming them and each step's Python and small kernels share the time)
-and GPT-2 124M's (500 MB: streaming the weights decides). A third column runs our
-generate with the weights as trained, in nn.Linear's layout, to measure what
-GPT.lay_out_for_decoding buys. The weights are random, the same for all: a random
-GPT2LMHeadModel saved with save_pretrained and read with GPT.from_pretrained.
+and GPT-2 124M's (500 MB: streaming the weights decides). The weights are random,
+the same for both: a random GPT2LMHeadModel saved with save_pretrained and read
+with GPT.from_pretrained. A last table times one vector times each weight matrix
+in nn.Linear's layout and transposed in memory, the one lever on a cached step's
+speed that keeps the weights' values.
 Each runs once to warm up, then they take turns, and the best of --repeats runs counts.
 
     python benchmarks/generate_vs_hf.py           # both shapes: about 7 minutes on 2 cores
@@ -40,16 +41,12 @@ QUICK = [("tiny", dict(vocab_size=300, n_positions=32, n_layer=2, n_head=2, n_em
 
 
 def same_weights(shape, folder):
-    """A random GPT2LMHeadModel, our GPT holding the same weights, and a second GPT
-    that keeps them in the layout they were trained in (no GPT.lay_out_for_decoding),
-    all in eval mode."""
+    """A random GPT2LMHeadModel and our GPT holding the same weights, both in eval mode."""
     torch.manual_seed(0)
     # No end-of-text token: transformers would stop at it, and we want every new token.
     theirs = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=None, eos_token_id=None)).eval()
     theirs.save_pretrained(folder)
-    ours, as_trained = gpt2.GPT.from_pretrained(folder), gpt2.GPT.from_pretrained(folder)
-    as_trained.lay_out_for_decoding = lambda: None
-    return ours, as_trained, theirs
+    return gpt2.GPT.from_pretrained(folder), theirs
 
 
 def best_times(generators, repeats):
@@ -82,7 +79,7 @@ def overhead_per_step(shape, prompt_length, new_tokens, repeats):
 
 def compare(name, shape, prompt_length, new_tokens, repeats):
     with tempfile.TemporaryDirectory() as folder:
-        ours, as_trained, theirs = same_weights(shape, folder)
+        ours, theirs = same_weights(shape, folder)
     prompt = torch.randint(0, shape["vocab_size"], (1, prompt_length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
 
@@ -91,13 +88,12 @@ def compare(name, shape, prompt_length, new_tokens, repeats):
             return theirs.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                    use_cache=True, pad_token_id=0)
 
-    (our_seconds, our_tokens), (plain_seconds, _), (their_seconds, their_tokens) = best_times(
-        [lambda: ours.generate(prompt, new_tokens, temperature=0),
-         lambda: as_trained.generate(prompt, new_tokens, temperature=0), generate_theirs], repeats)
-    ours_per_s, plain_per_s, theirs_per_s = (new_tokens / s for s in (our_seconds, plain_seconds, their_seconds))
+    (our_seconds, our_tokens), (their_seconds, their_tokens) = best_times(
+        [lambda: ours.generate(prompt, new_tokens, temperature=0), generate_theirs], repeats)
+    ours_per_s, theirs_per_s = new_tokens / our_seconds, new_tokens / their_seconds
     same = "yes" if torch.equal(our_tokens, their_tokens) else "no (float32 near-ties)"
     print(f"{name:<16} {ours.num_params() / 1e6:>7.1f}M {prompt_length:>4} + {new_tokens:<4} "
-          f"{ours_per_s:>10,.0f} {plain_per_s:>14,.0f} {theirs_per_s:>14,.0f} {ours_per_s / theirs_per_s:>7.2f}x   "
+          f"{ours_per_s:>10,.0f} {theirs_per_s:>14,.0f} {ours_per_s / theirs_per_s:>7.2f}x   "
           f"{same}")
     print(f"{'':<16} ms per token: ours {1000 / ours_per_s:.2f} (the same loop with tiny matrices: "
           f"{overhead_per_step(shape, prompt_length, new_tokens, repeats):.2f}), transformers {1000 / theirs_per_s:.2f}")
@@ -106,10 +102,9 @@ def compare(name, shape, prompt_length, new_tokens, repeats):
 def matrix_vector_times(name, shape, repeats=300):
     """For each weight matrix of a GPT-2 block and the head: microseconds to multiply
     one vector by it, stored as nn.Linear keeps it, (out, in) with rows of length
-    in, and transposed in memory, with rows of length out, as GPT.lay_out_for_decoding
-    stores the widening ones. Each is timed cycling through 32 MB of copies, so that,
-    as in a generation step, it comes from memory rather than from a cache that has
-    just held it."""
+    in, and transposed in memory, with rows of length out. Each is timed cycling
+    through 32 MB of copies, so that, as in a generation step, it comes from memory
+    rather than from a cache that has just held it."""
     print(f"{name}: {'matrix':<12} {'in -> out':<15} {'(out, in)':>10} {'transposed':>12}")
     C, V = shape["n_embd"], shape["vocab_size"]
     for matrix, in_features, out_features in [("c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_fc", C, 4 * C),
@@ -143,8 +138,8 @@ def main():
 
     shapes = QUICK if args.quick else [s for s in SHAPES if args.shape in (None, s[0])]
     print(f"CPU, batch 1, greedy, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'shape':<16} {'params':>8} {'tokens':>11} {'ours tok/s':>10} {'as trained':>14} "
-          f"{'transformers':>14} {'ratio':>8}   same tokens")
+    print(f"{'shape':<16} {'params':>8} {'tokens':>11} {'ours tok/s':>10} {'transformers':>14} {'ratio':>8}   "
+          f"same tokens")
     for name, shape, prompt_length, new_tokens in shapes:
         compare(name, shape, prompt_length, new_tokens, args.repeats)
     print(f"\nOne vector times each weight matrix, microseconds: as nn.Linear stores it, (out, in), and "

@@ -1,9 +1,8 @@
 """What only gpt2.py has: the tanh GELU, weight names that follow the GPT-2
-checkpoint, the scaled initialisation, the KV-cache past the context, and the
-weight layout for decoding. What every model file must do is tested in
-test_models.py; Hugging Face's GPT-2 in test_gpt2_pretrained.py."""
+checkpoint, the scaled initialisation, and the KV-cache past the context. What
+every model file must do is tested in test_models.py; Hugging Face's GPT-2 in
+test_gpt2_pretrained.py."""
 
-import copy
 import math
 
 import torch
@@ -61,32 +60,3 @@ def test_cache_past_the_context_is_exact_where_a_sliding_cache_is_not():
         if t > 6:  # the same token, at its old position with the old window, and after the slide
             stale, slid = model(out[:, t - 7 : t - 1])[0][0, -1], model(window)[0][0, -2]
             assert not torch.allclose(stale, slid, atol=1e-3)
-
-
-def test_decoding_layout_changes_the_memory_order_only():
-    """Cached generation stores c_attn, c_fc and the tied head transposed in memory;
-    every weight keeps its shape and values, the logits stay, and training goes on as before."""
-    config = GPTConfig(vocab_size=40, block_size=8, n_layer=2, n_head=2, n_embd=8)
-    model = randomize(GPT(config))
-    twin = copy.deepcopy(model)
-    before = {name: p.clone() for name, p in model.named_parameters()}
-    model.generate(torch.tensor([[1, 2]]), 3, temperature=0)
-    transposed = {name for name, p in model.named_parameters() if p.t().is_contiguous() and not p.is_contiguous()}
-    assert transposed == {"transformer.wte.weight", *(f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)),
-                          *(f"transformer.h.{i}.mlp.c_fc.weight" for i in range(2))}
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    storage = [p.data_ptr() for p in model.parameters()]
-    model.lay_out_for_decoding()  # a second time: nothing to do, nothing copied
-    assert [p.data_ptr() for p in model.parameters()] == storage
-
-    x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
-    assert torch.allclose(model(x)[0], twin(x)[0], atol=1e-5)
-    assert torch.allclose(model(x[:1, :1])[0], twin(x[:1, :1])[0], atol=1e-5)  # one vector, as in decoding
-    for m in (model, twin):
-        # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
-        optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)
-        m(x, y)[1].backward()
-        optimizer.step()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name

@@ -3,7 +3,6 @@ untied head, Hugging Face's LlamaForCausalLM as the reference (loaded with
 --init-from), and the command line's --init-from, --tokenizer and --prompt-ids.
 What every model file must do is tested in test_models.py."""
 
-import copy
 import json
 import math
 import shutil
@@ -149,30 +148,6 @@ def test_initialisation_and_the_untied_head(corpus, tmp_path, capsys):
     assert run_main(llama, capsys, *train_args(corpus, tmp_path, "--max-iters", 1, "--tie-embeddings"))[0] == 0
     model = llama.load_trained(tmp_path, torch.device("cpu"))[0]
     assert model.lm_head.weight is model.model.embed_tokens.weight
-
-
-def test_decoding_layout_changes_the_memory_order_only():
-    """Cached generation stores gate_proj, up_proj and the head transposed in memory;
-    every weight keeps its shape and values, the logits stay, and training goes on as before."""
-    model = randomize(Llama(tiny()))  # n_embd 16: q_proj and o_proj square, k_proj and v_proj narrower
-    twin = copy.deepcopy(model)
-    before = {name: p.clone() for name, p in model.named_parameters()}
-    model.generate(torch.tensor([[1, 2]]), 3, temperature=0)
-    transposed = {name for name, p in model.named_parameters() if p.t().is_contiguous() and not p.is_contiguous()}
-    assert transposed == {"lm_head.weight", *(f"model.layers.{i}.mlp.{proj}.weight"
-                                              for i in range(2) for proj in ("gate_proj", "up_proj"))}
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-
-    x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
-    assert torch.allclose(model(x)[0], twin(x)[0], atol=1e-5)
-    assert torch.allclose(model(x[:1, :1])[0], twin(x[:1, :1])[0], atol=1e-5)  # one vector, as in decoding
-    for m in (model, twin):
-        # SGD: Adam's first step is about lr * sign(gradient), which would blow rounding up.
-        optimizer = torch.optim.SGD(m.train().parameters(), lr=0.1)
-        m(x, y)[1].backward()
-        optimizer.step()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def hf_llama(folder, seed=0, dtype=None, **kwargs):
