@@ -18,6 +18,7 @@ import heapq
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from array import array
@@ -248,9 +249,10 @@ class Tokenizer:
             token2id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: a GPT-2 tokenizer is vocab.json + merges.txt") from None
+            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: a GPT-2 tokenizer is vocab.json + "
+                                    f"merges.txt") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{folder}/vocab.json is not a GPT-2 vocabulary ({e})") from None
+            raise ValueError(f"{folder}'s vocab.json or merges.txt is not GPT-2's ({e})") from None
         pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
         if not isinstance(token2id, dict) or any(len(pair) != 2 for pair in pairs):
             raise ValueError(f"{folder} holds no GPT-2 tokenizer: vocab.json must map tokens to ids, "
@@ -474,16 +476,17 @@ _job = None  # the function parallel_map's forked workers call
 
 
 def parallel_map(fn, texts):
-    """Yield fn(text) for each text of a list, in order; for large inputs, in one
-    forked worker per core, which inherits `fn` (so a closure will do)."""
+    """Yield fn(text) for each text of a list, in order; for large inputs, in one forked
+    worker per core this process may use, which inherits `fn` (so a closure will do)."""
     global _job
-    workers = min(len(texts), os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(len(texts), cores) if "fork" in multiprocessing.get_all_start_methods() else 1  # Windows: 1
     if workers < 2 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
         yield from map(fn, texts)
         return
     _job = fn
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_call_job, texts)
+    with multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        yield from pool.imap(_call_job, texts)  # Ctrl-C is the parent's to handle
 
 
 def _call_job(text):

@@ -320,8 +320,8 @@ def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, a
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
-    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes."""
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the targets'
+    text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves model training."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
@@ -390,6 +390,7 @@ def train(config, cfg):
     log = print if rank == 0 else lambda *args: None
     out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
     checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
+    check(cfg.resume or not ckpt_path.exists(), f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
@@ -425,7 +426,6 @@ def train(config, cfg):
     trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain GPT
     if world_size > 1:
         trained = DistributedDataParallel(trained)
-    char_counts = torch.tensor(tok.char_counts(), device=device)
     log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
         f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
 
@@ -437,7 +437,8 @@ def train(config, cfg):
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
-    previous_handler, start, first_step, stopping = signal.signal(signal.SIGINT, request_stop), time.time(), step, False
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    start, first_step, stopping = time.time(), step, False
     try:
         while step < cfg.max_iters and not stopping:
             lr = get_lr(step, cfg)
@@ -461,15 +462,15 @@ def train(config, cfg):
                     generator = torch.Generator().manual_seed(cfg.seed + 1)
                     batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
                                for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, char_counts, device, autocast)
+                    row += evaluate(trained, batches, torch.tensor(tok.char_counts(), device=device), device, autocast)
                 eta = min((cfg.max_iters - step) * elapsed / (step - first_step), (cfg.max_time or math.inf) - elapsed)
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
                     f"ETA {timedelta(seconds=round(max(0, eta)))}")
                 if rank == 0:
+                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
                         csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
         log(f"stopped by {'Ctrl-C' if stop else '--max-time'} at step {step}: saved {ckpt_path}; --resume continues"
             if step < cfg.max_iters else f"done: {ckpt_path} is at step {step}")
     finally:
@@ -527,13 +528,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_fields(parser, config_class, *names):
     """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
     for f in fields(config_class):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool and (not names or f.name in names):
-            parser.add_argument(flag, action="store_true", help=help)
-        elif not names or f.name in names:  # int | None takes an int
-            kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            parser.add_argument(flag, type=kind, default=default, help=help)
+        if names and f.name not in names:
+            continue
+        kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
 
 
 def cmd_train(args):
@@ -576,8 +576,9 @@ def build_parser():
     sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
-    command("eval", "loss and bits per character of a checkpoint", cmd_eval, "data", "out_dir", "batch_size",
-            "device").add_argument("--text", help="score this UTF-8 file, not the validation split")
+    eval_args = command("eval", "loss and bits per character of a checkpoint", cmd_eval, "data", "out_dir",
+                        "batch_size", "device")
+    eval_args.add_argument("--text", help="score this UTF-8 file, not the validation split")
     return parser
 
 
@@ -586,7 +587,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

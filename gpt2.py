@@ -95,11 +95,9 @@ def attention(q, k, v, dropout_p=0.0):
     queries q (B, n_head, T, head_size) of the last T of the T_k positions whose keys and
     values k, v (B, n_head, T_k, head_size) hold: query i sees keys 0 .. T_k - T + i."""
     T, T_k = q.size(-2), k.size(-2)
-    if FUSED and T in (1, T_k):  # one kernel: the causal mask, or for one new token none
+    if FUSED and T in (1, T_k):  # one kernel: the causal mask, or none for one new token (all of generation)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
     causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)  # (T, T_k)
-    if FUSED:  # several new tokens after cached ones
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_k)
     att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
     att = F.dropout(att, dropout_p)  # GPT-2's attention dropout: on the weights
@@ -117,7 +115,8 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer, k, v):
-        """Store layer's k, v (B, n_head, T, head_size) at pos; return all so far (B, n_head, pos + T, hs)."""
+        """Store a layer's k, v (B, n_head, T, head_size) at pos and return all so far (B, n_head, pos + T,
+        head_size); GPT.forward advances pos once every layer has stored."""
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -388,8 +387,8 @@ def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, a
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
-    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes."""
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the targets'
+    text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves model training."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
@@ -458,6 +457,7 @@ def train(config, cfg):
     log = print if rank == 0 else lambda *args: None
     out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
     checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
+    check(cfg.resume or not ckpt_path.exists(), f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
@@ -495,7 +495,6 @@ def train(config, cfg):
     trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain GPT
     if world_size > 1:
         trained = DistributedDataParallel(trained)
-    char_counts = torch.tensor(tok.char_counts(), device=device)
     log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
         f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
 
@@ -507,7 +506,8 @@ def train(config, cfg):
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
-    previous_handler, start, first_step, stopping = signal.signal(signal.SIGINT, request_stop), time.time(), step, False
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    start, first_step, stopping = time.time(), step, False
     try:
         while step < cfg.max_iters and not stopping:
             lr = get_lr(step, cfg)
@@ -531,15 +531,15 @@ def train(config, cfg):
                     generator = torch.Generator().manual_seed(cfg.seed + 1)
                     batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
                                for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, char_counts, device, autocast)
+                    row += evaluate(trained, batches, torch.tensor(tok.char_counts(), device=device), device, autocast)
                 eta = min((cfg.max_iters - step) * elapsed / (step - first_step), (cfg.max_time or math.inf) - elapsed)
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
                     f"ETA {timedelta(seconds=round(max(0, eta)))}")
                 if rank == 0:
+                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
                         csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
         log(f"stopped by {'Ctrl-C' if stop else '--max-time'} at step {step}: saved {ckpt_path}; --resume continues"
             if step < cfg.max_iters else f"done: {ckpt_path} is at step {step}")
     finally:
@@ -666,7 +666,7 @@ def pretrained_tokenizer(folder):
 
 
 def fine_tuning_config(folder, out_dir, dropout):
-    """`train --init-from`'s config, the folder's (with our dropout); its tokenizer is the run's."""
+    """`train --init-from`'s config, the folder's (with our dropout); saves its tokenizer as the run's."""
     tok, tok_path = pretrained_tokenizer(folder), Path(out_dir) / "tokenizer.json"
     check(not tok_path.exists() or bpe.Tokenizer.load(tok_path).fingerprint == tok.fingerprint,
           f"{tok_path} is another tokenizer than {folder}'s: fine-tune into another --out-dir")
@@ -692,6 +692,11 @@ def export(model, tok, folder):
     print(f"wrote {folder}: config.json, model.safetensors, vocab.json, merges.txt")
 
 
+def cmd_export(args):
+    """`export`: the run in --out-dir as a Hugging Face GPT-2 folder."""
+    export(*load_trained(args.out_dir, torch.device("cpu")), args.to or Path(args.out_dir) / "hf")
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -706,13 +711,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_fields(parser, config_class, *names):
     """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
     for f in fields(config_class):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool and (not names or f.name in names):
-            parser.add_argument(flag, action="store_true", help=help)
-        elif not names or f.name in names:  # int | None takes an int
-            kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            parser.add_argument(flag, type=kind, default=default, help=help)
+        if names and f.name not in names:
+            continue
+        kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
 
 
 def cmd_train(args):
@@ -731,7 +735,7 @@ def cmd_eval(args):
     model, tok = load_trained(args.out_dir, device, args.init_from)
     if args.text:
         tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in the .bin files
-    elif args.init_from:  # the validation novels in the folder's tokens, not the run's
+    elif args.init_from:  # the validation novels, encoded with this tokenizer, not the run's
         tokens = torch.tensor([id for _, text in bpe.split_corpus(bpe.read_corpus(args.data))[1]
                                for id in [tok.eot_id, *tok.encode(text)]])
     else:
@@ -761,11 +765,11 @@ def build_parser():
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
     sample.add_argument("--no-cache", dest="cache", action="store_false", help="generate without the KV-cache")
-    command("eval", "loss and bits per character of a checkpoint", cmd_eval, "data", "out_dir", "init_from",
-            "batch_size", "device").add_argument("--text", help="score this UTF-8 file, not the validation split")
-    command("export", "write a run as a Hugging Face GPT-2 folder", lambda args: export(
-        *load_trained(args.out_dir, "cpu"), args.to or Path(args.out_dir) / "hf"), "out_dir").add_argument(
-        "--to", metavar="DIR", help="the folder to write (default: hf in --out-dir)")
+    eval_args = command("eval", "loss and bits per character of a checkpoint", cmd_eval, "data", "out_dir",
+                        "init_from", "batch_size", "device")
+    eval_args.add_argument("--text", help="score this UTF-8 file, not the validation split")
+    export_args = command("export", "write a run as a Hugging Face GPT-2 folder", cmd_export, "out_dir")
+    export_args.add_argument("--to", metavar="DIR", help="the folder to write (default: hf in --out-dir)")
     return parser
 
 
@@ -774,7 +778,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@ gpt1.py, gpt2.py and llama.py side by side, at their default configs, in one run
 For each model: parameters; training tokens per second (whole optimizer steps,
 batch 32 x 256 tokens, in the precision `train` picks); generation tokens per
 second for 240 new tokens from a 16-token prompt (the text fills the 256-token
-context), batch 1, greedy, with the KV-cache and without it (gpt1.py has none).
+context), batch 1, greedy, with the KV-cache and without it (gpt1.py has none),
+all measured before any training step, in one process.
 Weights are random and tokens synthetic: speed depends on neither.
 
     python benchmarks/compare_models.py            # a few minutes on 2 cores
@@ -64,14 +65,19 @@ def main():
     print(f"{torch.get_num_threads()} threads; batch 32 x block for training, batch 1 greedy for generation\n")
     print("| model | parameters | training tokens/s | generation tokens/s, cache | without cache |")
     print("|---|---|---|---|---|")
+    rows = []
+    # All generation before any training, as `sample` runs in a fresh process: after training, the C
+    # allocator keeps large freed blocks, which flatters the no-cache path (benchmarks/README.md).
     for module, config_class, model_class in MODELS:
         config = config_class(**shape, **(dict(n_kv_head=1) if args.quick and module is llama else {}))
         torch.manual_seed(0)
         model = model_class(config)
-        training = train_speed(module, model, config, steps)
         no_cache = dict(use_cache=False) if module is not gpt1 else {}
         without = generation_speed(model, config, prompt_length, new_tokens, **no_cache)
         cached = "(none)" if module is gpt1 else f"{generation_speed(model, config, prompt_length, new_tokens):,.0f}"
+        rows.append((module, model, config, cached, without))
+    for module, model, config, cached, without in rows:
+        training = train_speed(module, model, config, steps)
         print(f"| {module.MODEL} | {model.num_params() / 1e6:.2f}M | {training:,.0f} | {cached} | {without:,.0f} |")
 
 

@@ -237,7 +237,7 @@ def test_gpt2_format_with_bytes_numbered_otherwise(tok, tmp_path):
     [
         (None, "a b\n", "lacks vocab.json"),
         ({"a": 0}, None, "lacks merges.txt"),
-        ("[1, 2", "", "is not a GPT-2 vocabulary"),
+        ("[1, 2", "", "is not GPT-2's"),
         ([1, 2], "", "holds no GPT-2 tokenizer"),
         ({"a": 97, "b": 98}, "a b c\n", "holds no GPT-2 tokenizer"),
         ({"a": 97, "b": 98}, "a z\n", "names 'z', which vocab.json lacks"),

@@ -136,18 +136,20 @@ def test_model_with_fused_kernels_equals_written_out(m, monkeypatch):
         model.zero_grad()
         logits, loss = model(idx, targets=idx)
         loss.backward()
-        cached = logits
+        results = [logits.detach(), *(p.grad.clone() for p in model.parameters())]
         if m.cache:
             cache = m.module.KVCache(model.config, 3, "cpu", torch.float64)
             with torch.no_grad():
-                cached = torch.cat([model(idx[:, a:b], kv_cache=cache)[0] for a, b in pairwise([0, 5, 9, 10, 12])], 1)
-        return [logits.detach(), cached, *(p.grad.clone() for p in model.parameters())]
+                results.append(torch.cat([model(idx[:, a:b], kv_cache=cache)[0]
+                                          for a, b in pairwise([0, 5, 9, 10, 12])], 1))
+        return results
 
     fused = run()
     monkeypatch.setattr(m.module, "FUSED", False)
     for a, b in zip(fused, run(), strict=True):
         assert torch.allclose(a, b, atol=1e-10)
-    assert torch.allclose(fused[0], fused[1], atol=1e-10)
+    if m.cache:  # the chunks through the cache give the full forward's logits
+        assert torch.allclose(fused[0], fused[-1], atol=1e-10)
 
 
 def test_forward_shapes_and_initial_loss(m):
@@ -519,7 +521,8 @@ NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]
 
 
 @pytest.mark.parametrize("spoil, argv, key", [
-    (None, ["train", "--data", "{tmp}/nowhere", "--out-dir", "{run}"], "nowhere"),
+    (None, ["train", "--data", "{tmp}/nowhere", "--out-dir", "{tmp}/new"], "nowhere"),
+    (None, ["train", "--data", "{corpus}", "--out-dir", "{run}", *TINY], "--resume continues it"),
     (corpus_of(b" \n"), ["train", "--data", "{run}/corpus", "--out-dir", "{tmp}/new"], "empty"),
     (corpus_of("Ça déjà".encode("latin-1")), ["train", "--data", "{run}/corpus", "--out-dir", "{tmp}/new"], "UTF-8"),
     (None, ["sample", "--out-dir", "{tmp}/empty"], "no checkpoint at"),
