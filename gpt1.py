@@ -139,8 +139,8 @@ class Block(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0, else
-    from softmax(logits / temperature) over the top_k likeliest, of those the fewest holding top_p."""
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0, else drawn
+    by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
