@@ -570,7 +570,7 @@ def build_parser():
 
     add_fields(command("train", "train a model", cmd_train), GPTConfig)
     sample = command("sample", "generate text", cmd_sample, "out_dir", "seed", "device")
-    sample.add_argument("--prompt", help="the start of the text to write (default: a blank page)")
+    sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
     sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
     sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
     sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")

@@ -758,7 +758,7 @@ def build_parser():
 
     add_fields(command("train", "train a model", cmd_train), GPTConfig)
     sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed", "device")
-    sample.add_argument("--prompt", help="the start of the text to write (default: a blank page)")
+    sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
     sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
     sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
     sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
@@ -769,7 +769,7 @@ def build_parser():
                         "init_from", "batch_size", "device")
     eval_args.add_argument("--text", help="score this UTF-8 file, not the validation split")
     export_args = command("export", "write a run as a Hugging Face GPT-2 folder", cmd_export, "out_dir")
-    export_args.add_argument("--to", metavar="DIR", help="the folder to write (default: hf in --out-dir)")
+    export_args.add_argument("--to", metavar="DIR", help="the folder to write (None: hf in --out-dir)")
     return parser
 
 

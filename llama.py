@@ -797,7 +797,7 @@ def build_parser():
 
     add_fields(command("train", "train a model", cmd_train), LlamaConfig)
     sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed", "device")
-    sample.add_argument("--prompt", help="the start of the text to write (default: a blank page)")
+    sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
     sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
     sample.add_argument("--prompt-ids", type=int, nargs="+", help="the prompt as token ids (no tokenizer: ids out too)")
     sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
