@@ -169,8 +169,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (GPT-1, GPT-2): reading a token in and predicting it out share
-        # one matrix, which saves parameters and trains both from every token.
+        # Weight tying (GPT-1, GPT-2): reading a token in and predicting it out share one matrix.
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
 
@@ -428,6 +427,7 @@ def train(config, cfg):
         trained = DistributedDataParallel(trained)
     log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
         f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
+    char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
 
     stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
 
@@ -462,7 +462,7 @@ def train(config, cfg):
                     generator = torch.Generator().manual_seed(cfg.seed + 1)
                     batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
                                for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, torch.tensor(tok.char_counts(), device=device), device, autocast)
+                    row += evaluate(trained, batches, char_counts, device, autocast)
                 eta = min((cfg.max_iters - step) * elapsed / (step - first_step), (cfg.max_time or math.inf) - elapsed)
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "

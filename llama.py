@@ -166,7 +166,8 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer, k, v):
-        """Store layer's k, v (B, n_kv_head, T, head_size) at pos; return all so far (B, n_kv_head, pos + T, hs)."""
+        """Store a layer's k, v (B, n_kv_head, T, head_size) at pos and return all so far (B, n_kv_head,
+        pos + T, head_size); Llama.forward advances pos once every layer has stored."""
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -551,6 +552,7 @@ def train(config, cfg):
         trained = DistributedDataParallel(trained)
     log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
         f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
+    char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
 
     stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
 
@@ -585,7 +587,7 @@ def train(config, cfg):
                     generator = torch.Generator().manual_seed(cfg.seed + 1)
                     batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
                                for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, torch.tensor(tok.char_counts(), device=device), device, autocast)
+                    row += evaluate(trained, batches, char_counts, device, autocast)
                 eta = min((cfg.max_iters - step) * elapsed / (step - first_step), (cfg.max_time or math.inf) - elapsed)
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
