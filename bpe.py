@@ -246,8 +246,8 @@ class Tokenizer:
         ("a b" a line, in rank order). A token neither a byte nor made by a merge is special."""
         folder = Path(folder)
         try:
-            token2id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            token2id = json.loads((folder / "vocab.json").read_text(encoding="utf-8-sig"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8-sig").splitlines()
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: a GPT-2 tokenizer is vocab.json + "
                                     f"merges.txt") from None
@@ -354,7 +354,7 @@ class Tokenizer:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no tokenizer at {path}")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not a valid tokenizer file (truncated or corrupt: {e})") from None
         if not isinstance(data, dict) or data.get("format") != "bpe.py byte-level BPE":
@@ -373,9 +373,8 @@ class Tokenizer:
 def write_atomically(path, data):
     """Write bytes to `path` so that a crash leaves the old file or the new one,
     never half of one: write a temp file beside it, then rename over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -390,10 +389,10 @@ def default_data_dir():
 
 
 def read_text(path):
-    """One UTF-8 text file, with Windows line ends (CRLF) made LF. Raises
-    FileNotFoundError, or ValueError if it is not UTF-8 or is empty."""
+    """One UTF-8 text file, without a leading byte order mark (Notepad writes one), CRLF made LF.
+    Raises FileNotFoundError, or ValueError if it is not UTF-8 or is empty."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = Path(path).read_bytes().decode("utf-8-sig")  # -sig: a leading BOM is dropped
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
     except UnicodeDecodeError as e:
@@ -403,16 +402,14 @@ def read_text(path):
     return text.replace("\r\n", "\n")
 
 
-def read_corpus(data_dir):
-    """[(file name, text)] for every .txt in data_dir (a novel each, see data/), by
-    name; a text already read under another name is skipped (one novel is twice)."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"no corpus at {data_dir}: download it with `python data/download.py`, "
-                                f"or pass --data DIR (or set CORPUS_DIR) to point at a local copy")
-    paths = sorted(data_dir.glob("*.txt"))
+def read_corpus(data):
+    """[(file name, text)] of the corpus `data`: one UTF-8 text file, or each .txt in a folder (a novel
+    each, see data/), by name; a text already read under another name is skipped (one novel is twice)."""
+    data = Path(data)
+    paths = sorted(data.glob("*.txt")) if data.is_dir() else [data] if data.exists() else []
     if not paths:
-        raise ValueError(f"{data_dir} has no .txt files")
+        raise FileNotFoundError(f"no corpus at {data} (no .txt file): download it with `python data/download.py`, "
+                                f"or pass --data DIR or FILE (or set CORPUS_DIR) to point at a local copy")
     first_name = {}  # text -> the first file that holds it
     for path in paths:
         first_name.setdefault(read_text(path), path.name)
@@ -420,11 +417,14 @@ def read_corpus(data_dir):
 
 
 def split_corpus(docs):
-    """(train docs, validation docs), by whole novel, so validation text is unseen:
-    ordered by the SHA-256 of their names, the first 5% (at least one) validate, so
-    listing order does not matter and a new novel moves no other across the split."""
-    if len(docs) < 2:
-        raise ValueError("the corpus needs at least two documents: one is held out for validation")
+    """(train docs, validation docs). Novels split whole, so validation text is unseen: ordered by the
+    SHA-256 of their names, the first 5% (at least one) validate, so listing order does not matter and
+    a new novel moves no other across the split. One text splits by position, as nanoGPT's Shakespeare:
+    the last 10% validates, from the start of the line that holds the 90% mark."""
+    if len(docs) == 1:
+        (name, text), at = docs[0], len(docs[0][1]) * 9 // 10
+        cut = text.rfind("\n", 0, at) + 1 or at  # the text is one line: at 90%
+        return [(name, text[:cut])], [(f"{name} from line {text.count(chr(10), 0, cut) + 1}", text[cut:])]
     ranked = sorted(docs, key=lambda doc: hashlib.sha256(doc[0].encode("utf-8")).hexdigest())
     n_val = max(1, round(len(docs) * 0.05))
     return ranked[n_val:], ranked[:n_val]
@@ -436,6 +436,7 @@ def prepare_corpus(data_dir, out_dir, vocab_size=None, log=print):
     each split's ids as little-endian uint16, <|endoftext|> before each document.
     Returns (tokenizer, train path, val path)."""
     train_docs, val_docs = split_corpus(read_corpus(data_dir))
+    log(f"validation split: {', '.join(name for name, _ in val_docs)}")
     tok_path = Path(out_dir, "tokenizer.json")
     if tok_path.exists():
         tok = Tokenizer.load(tok_path)
@@ -444,7 +445,7 @@ def prepare_corpus(data_dir, out_dir, vocab_size=None, log=print):
                              f"use another --out-dir, or leave --vocab-size out")
     else:
         vocab_size = vocab_size or 3000
-        log(f"training a {vocab_size}-token BPE on {len(train_docs)} novels")
+        log(f"training a {vocab_size}-token BPE on {len(train_docs)} text(s)")
         tok = Tokenizer.train([text for _, text in train_docs], vocab_size, log)
         tok.save(tok_path)
     train_path = encode_corpus(tok, train_docs, Path(out_dir, "train.bin"), log)
@@ -535,6 +536,8 @@ def main(argv=None):
     encode.set_defaults(run=cmd_encode)
     decode.set_defaults(run=lambda args: print(Tokenizer.load(args.tokenizer).decode(args.ids)))
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)
     except (ValueError, OSError) as e:

@@ -79,9 +79,8 @@ def attention(q, k, v, dropout_p=0.0):
     (B, n_head, T, head_size): position i sees positions 0 .. i, not the tokens it predicts."""
     if FUSED:  # one kernel
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    T = q.size(-2)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    causal = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()  # (T, T)
     att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
     att = F.dropout(att, dropout_p)  # GPT-1's attention dropout: on the weights
     return att @ v  # (B, n_head, T, head_size)
@@ -101,8 +100,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()  # batch, tokens, n_embd
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_size)
-        dropout_p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, dropout_p)  # (B, n_head, T, head_size)
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
@@ -140,10 +138,15 @@ class Block(nn.Module):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0, else drawn
-    by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p."""
+    by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
+    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or top_p out of range."""
+    check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
+    check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # The likeliest at 0, the others below: a tiny temperature sends them to -inf (greedy), never to NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -205,18 +208,11 @@ class GPT(nn.Module):
         """Yield max_new_tokens new tokens (B, 1) as they are sampled. Each step runs the whole window,
         although only its newest token is new: the cost that gpt2.py's KV-cache removes."""
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
-        check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
-        check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
-        B, T = idx.size()
-        check(T > 0, "generation needs at least one token to start from")
-        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-        tokens[:, :T] = idx
-        for t in range(T, T + max_new_tokens):  # t: tokens so far
-            x = tokens[:, max(0, t - self.config.block_size) : t]  # (B, <= block_size): the window
-            logits, _ = self(x)  # (B, T_x, vocab_size)
-            tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
-            yield tokens[:, t : t + 1]
+        check(idx.size(1) > 0, "generation needs at least one token to start from")
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])  # (B, T_x, vocab_size): the last window
+            idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, top_p)], dim=1)  # (B, T + 1)
+            yield idx[:, -1:]
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +256,7 @@ def duration(text):
 class TrainConfig:
     """How to train: data, optimisation, schedule, bookkeeping."""
 
-    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="folder of UTF-8 .txt novels"))
+    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
     out_dir: str = arg(f"checkpoints/{MODEL}", "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
     lr: float = arg(6e-4, "peak learning rate, reached at the end of warmup (Post-LN stalls at 3e-3)")
@@ -369,6 +365,7 @@ def load_checkpoint(path):
         model.load_state_dict(checkpoint["weights"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
+    check(all(p.isfinite().all() for p in model.parameters()), f"{path} holds NaN or inf weights: its run diverged")
     return model, tok, checkpoint
 
 
@@ -430,13 +427,11 @@ def train(config, cfg):
     char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
 
     stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
-
     def request_stop(*signal_args):
         if stop:
             signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
-
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     start, first_step, stopping = time.time(), step, False
     try:
@@ -449,13 +444,14 @@ def train(config, cfg):
                               rank, world_size)
             step, elapsed = step + 1, time.time() - start
             tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
+            stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
+            status = torch.tensor([stopping, loss.item() / world_size], device=device)
+            if world_size > 1:  # one process's stop or NaN stops all: the rest would wait for its gradients forever
+                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays
+            (stopping, loss), diverged = status.tolist(), f"the loss is not finite at step {step}: try a lower --lr"
+            check(math.isfinite(loss), diverged)  # from NaN or inf there is no way back; the last checkpoint stays
             if step == first_step + 1 or step % 10 == 0:
-                log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
-            stopping = bool(stop) or cfg.max_time is not None and elapsed > cfg.max_time
-            if world_size > 1:  # a stop in one process stops all, or the rest would wait for its gradients forever
-                stopping = torch.tensor(float(stopping), device=device)
-                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-                stopping = bool(stopping)
+                log(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
             if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:  # evaluate, log, save
                 row = [step, lr]
                 for tokens in splits.values():  # the same batches each time, so that the numbers compare
@@ -467,6 +463,7 @@ def train(config, cfg):
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
                     f"ETA {timedelta(seconds=round(max(0, eta)))}")
+                check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
                 if rank == 0:
                     save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
@@ -527,9 +524,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_fields(parser, config_class, *names):
     """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
-    for f in fields(config_class):
-        if names and f.name not in names:
-            continue
+    for f in [f for f in fields(config_class) if not names or f.name in names]:
         kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
         default = f.default_factory() if callable(f.default_factory) else f.default
         options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
@@ -544,18 +539,20 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    """`eval`: loss and bits per character on the validation novels or a file."""
+    """`eval`: loss and bits per character on the run's validation split, another corpus's, or a file."""
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
     if args.text:
-        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in the .bin files
-    else:
-        tokens = load_tokens(bpe.prepare_corpus(args.data, args.out_dir, log=print)[2])
+        what, tokens = args.text, torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in .bin
+    elif args.data:  # a corpus's validation split, encoded with this tokenizer
+        what, docs = f"validation split of {args.data}", bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
+    else:  # the run's own, as train encoded it
+        what, tokens = f"validation split of {args.out_dir}", load_tokens(Path(args.out_dir) / "val.bin")
     loss, bpc = evaluate(model, sequential_batches(tokens, args.batch_size, model.config.block_size),
                          torch.tensor(tok.char_counts(), device=device), device)
-    print(f"{args.text or f'validation split of {args.data}'}: loss {loss:.4f} per token, {bpc:.4f} bits per "
-          f"character ({len(tokens) - 1:,} tokens)")
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
 
 
 def build_parser():
@@ -576,15 +573,18 @@ def build_parser():
     sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
-    eval_args = command("eval", "loss and bits per character of a checkpoint", cmd_eval, "data", "out_dir",
+    eval_args = command("eval", "loss and bits per character of a checkpoint", cmd_eval, "out_dir",
                         "batch_size", "device")
-    eval_args.add_argument("--text", help="score this UTF-8 file, not the validation split")
+    eval_args.add_argument("--data", help="score this corpus's validation split (None: the run's own)")
+    eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
     return parser
 
 
 def main(argv=None):
     """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:

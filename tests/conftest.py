@@ -94,10 +94,10 @@ def run_main(module, capsys, *argv):
     return code, out, err
 
 
-def run_cli(name, *argv, timeout=120):
-    """python NAME.py ARGV from the shell."""
+def run_cli(name, *argv, timeout=120, **env):
+    """python NAME.py ARGV from the shell, with env added to the environment; output read as UTF-8."""
     return subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *map(str, argv)], capture_output=True,
-                          text=True, env=SUBPROCESS_ENV, timeout=timeout, cwd=ROOT)
+                          encoding="utf-8", env={**SUBPROCESS_ENV, **env}, timeout=timeout, cwd=ROOT)
 
 
 def one_line_error(code, err, key):

@@ -282,14 +282,33 @@ def test_split_is_by_whole_novel_and_ignores_listing_order():
     assert len(bpe.split_corpus(docs[:2])[1]) == 1
 
 
+def test_one_text_splits_at_the_line_that_holds_the_90_percent_mark(tmp_path):
+    lines = [f"строка {i:02}\n" for i in range(20)]  # 20 lines of 10 characters
+    folder = write_corpus(tmp_path / "folder", {"a.txt": "".join(lines)})
+    for data in (folder, folder / "a.txt"):  # a folder of one file, or the file
+        (train,), (val,) = bpe.split_corpus(bpe.read_corpus(data))
+        assert train == ("a.txt", "".join(lines[:18])) and val == ("a.txt from line 19", "".join(lines[18:]))
+    one_line = "слово " * 100
+    (train,), (val,) = bpe.split_corpus([("b.txt", one_line)])
+    assert train[1] + val[1] == one_line and len(val[1]) == 60
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    write_corpus(tmp_path / "c", {"a.txt": "\ufeffПервая глава.\r\n", "b.txt": "Первая глава.\n"})
+    assert bpe.read_text(tmp_path / "c" / "a.txt") == "Первая глава.\n"
+    assert len(bpe.read_corpus(tmp_path / "c")) == 1  # the same novel, saved by Notepad and by anything else
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf \n")
+    with pytest.raises(ValueError, match="is empty"):
+        bpe.read_text(tmp_path / "bom.txt")
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda d: d / "missing", "no corpus at .*data/download.py.*--data DIR"),
-        (lambda d: write_corpus(d / "empty", {}), "has no .txt files"),
+        (lambda d: write_corpus(d / "empty", {}), r"no corpus at .*empty \(no .txt file\)"),
         (lambda d: write_corpus(d / "latin1", {"a.txt": "ok", "b.txt": "Привет".encode("cp1251")}), "b.txt is not UTF-8"),
         (lambda d: write_corpus(d / "blank", {"a.txt": "ok", "b.txt": " \n"}), "b.txt is empty"),
-        (lambda d: write_corpus(d / "one", {"a.txt": "текст"}), "at least two documents"),
     ],
 )
 def test_bad_corpus_gives_a_clear_error(tmp_path, make, message):
@@ -335,9 +354,9 @@ def test_parallel_work_equals_serial(tok, monkeypatch):
 # -- the command line --------------------------------------------------------------
 
 
-def run_bpe(*args):
+def run_bpe(*args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "bpe.py"), *map(str, args)],
-                          capture_output=True, text=True, encoding="utf-8")
+                          capture_output=True, text=True, encoding="utf-8", env=env)
 
 
 def test_command_line_train_encode_decode(tmp_path):
@@ -353,6 +372,18 @@ def test_command_line_train_encode_decode(tmp_path):
     assert " 'н'\n" in encoded.stdout
     decoded = run_bpe("decode", "--tokenizer", out, *ids)
     assert decoded.stdout == "Снег падал\n"
+
+
+@pytest.mark.parametrize("console", ["cp1252", "cp1251", "ascii"])
+def test_encode_and_decode_write_utf8_to_any_console(tok, tmp_path, console):
+    """As Windows encodes a redirected stdout in its ANSI code page: UTF-8 still comes out."""
+    tok.save(tmp_path / "tok.json")
+    env = {**os.environ, "PYTHONIOENCODING": console}
+    encoded = run_bpe("encode", "--tokenizer", tmp_path / "tok.json", "Ёлка, café", env=env)
+    assert encoded.returncode == 0 and " 'л'\n" in encoded.stdout, encoded.stderr
+    ids = encoded.stdout.splitlines()[0].split()
+    decoded = run_bpe("decode", "--tokenizer", tmp_path / "tok.json", *ids, env=env)
+    assert decoded.returncode == 0 and decoded.stdout == "Ёлка, café\n", decoded.stderr
 
 
 @pytest.mark.parametrize(

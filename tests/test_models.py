@@ -10,6 +10,7 @@ TABLE. What only one model has is tested in its own test_<name>.py.
 import ast
 import difflib
 import importlib
+import io
 import math
 import re
 import shutil
@@ -239,9 +240,14 @@ def test_sampling_options(m):
     assert torch.equal(model.generate(prompt, 10, top_k=1), greedy)
     assert torch.equal(model.generate(prompt, 10, top_p=1e-9), greedy)
     assert model.generate(prompt, 10, top_k=10**6).shape == (2, 13)  # top_k is clamped to the vocabulary
-    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(ValueError):
+    assert torch.equal(model.generate(prompt, 10, temperature=1e-39), greedy)  # near 0 is greedy, not NaN
+    bad_options = [dict(temperature=t) for t in (-1.0, math.nan, math.inf)] + [dict(top_k=0)] + [
+        dict(top_p=p) for p in (0.0, 1.5, math.nan)]
+    for bad in bad_options:
+        with pytest.raises(ValueError, match=next(iter(bad))):
             model.generate(prompt, 1, **bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            m.module.sample_next(model(prompt)[0][:, -1], **bad)
     if not m.cache:
         with pytest.raises(TypeError):
             model.generate(prompt, 1, use_cache=True)
@@ -251,6 +257,8 @@ def test_sampling_options(m):
     assert set(m.module.sample_next(logits, top_k=3).flatten().tolist()) == {0, 1, 2}
     assert set(m.module.sample_next(logits).flatten().tolist()) == {0, 1, 2, 3}
     assert set(m.module.sample_next(logits, temperature=0).flatten().tolist()) == {0}
+    for tiny in (1e-39, 1e-300, 5e-324):  # below float32's smallest normal number, and below float64's
+        assert set(m.module.sample_next(logits, temperature=tiny).flatten().tolist()) == {0}
 
 
 # -----------------------------------------------------------------------------
@@ -418,7 +426,7 @@ def test_cli_train_sample_and_a_bad_eval(m, corpus, tmp_path):
     assert (out_dir / "log.csv").read_text().startswith("step,lr,train_loss,train_bpc,val_loss,val_bpc")
 
     result = run_cli(m.name, "sample", "--out-dir", out_dir, "--prompt", "Мой дядя", "--max-new-tokens", 20,
-                     "--top-k", 100000, "--top-p", 0.9, "--device", "cpu")
+                     "--top-k", 100000, "--top-p", 0.9, "--device", "cpu", PYTHONIOENCODING="cp1252")  # Windows
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Мой дядя") and re.fullmatch(r"\d+ tokens in \d+\.\d\ds\n", result.stderr)
 
@@ -513,6 +521,12 @@ def corpus_of(data):
     return spoil
 
 
+def non_finite_weights(m, run):
+    saved = checkpoint(run)
+    next(iter(saved["weights"].values())).view(-1)[0] = math.nan
+    torch.save(saved, run / "ckpt.pt")
+
+
 def blank_prompt(m, run):
     (run / "blank.txt").write_text(" \n", encoding="utf-8")
 
@@ -543,7 +557,12 @@ NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]
     (None, [*NEW, "--dtype", "float16"], "float16"),
     (None, [*NEW, "--device", "tpu"], "tpu"),
     (None, [*NEW, "--block-size", "100000"], "too few for a window"),
+    (non_finite_weights, ["sample", "--out-dir", "{run}"], "NaN or inf weights"),
+    (non_finite_weights, ["eval", "--out-dir", "{run}"], "NaN or inf weights"),
     (None, ["sample", "--out-dir", "{run}", "--temperature", "-1"], "temperature"),
+    (None, ["sample", "--out-dir", "{run}", "--temperature", "nan"], "temperature"),
+    (None, ["sample", "--out-dir", "{run}", "--temperature", "inf"], "temperature"),
+    (None, ["sample", "--out-dir", "{run}", "--top-p", "nan"], "top_p"),
     (None, ["sample", "--out-dir", "{run}", "--top-p", "0"], "top_p"),
     (None, ["sample", "--out-dir", "{run}", "--top-k", "0"], "top_k"),
     (None, ["sample", "--out-dir", "{run}", "--prompt-file", "{tmp}/none.txt"], "none.txt"),
@@ -568,6 +587,65 @@ def test_other_models_checkpoints_are_refused(m, command, trained, corpus, tmp_p
             argv = train_args(corpus, run, "--resume") if command == "train" else [command, "--out-dir", run]
             code, _, err = main(m, capsys, *argv)
             assert one_line_error(code, err, f"checkpoint of {other}"), err
+
+
+# -----------------------------------------------------------------------------
+# Own text, and the failures people hit in practice
+
+
+def test_one_text_file_is_a_corpus_and_eval_scores_the_runs_own_split(m, tmp_path, capsys):
+    story = tmp_path / "story.txt"
+    story.write_text("\n".join(f"{i}. {SENTENCES[i % 12]}" for i in range(200)), encoding="utf-8")
+    run = tmp_path / "run"
+    code, out, err = main(m, capsys, *train_args(story, run, "--max-iters", 2, "--eval-interval", 2))
+    (_, train_text), (val_name, val_text) = [split[0] for split in bpe.split_corpus(bpe.read_corpus(story))]
+    assert code == 0 and f"validation split: {val_name}\n" in out, err
+    assert val_name.startswith("story.txt from line ") and 0.1 <= len(val_text) / len(story.read_text()) < 0.11
+
+    code, out, _ = main(m, capsys, "eval", "--out-dir", run, "--device", "cpu", "--data", story)
+    code_own, out_own, err = main(m, capsys, "eval", "--out-dir", run, "--device", "cpu")  # no --data, no corpus
+    assert code == code_own == 0 and out_own.startswith(f"validation split of {run}: "), err
+    assert out.split(": ", 1)[1] == out_own.split(": ", 1)[1]  # the same loss, bits per character and tokens
+
+
+def test_a_byte_order_mark_is_not_text(m, trained, tmp_path, capsys):
+    """Notepad starts its UTF-8 files with U+FEFF: prompt files and eval --text drop it."""
+    for name, text in [("plain.txt", "Мой дядя"), ("bom.txt", "\ufeffМой дядя")]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    outputs = set()
+    for name in ("plain.txt", "bom.txt"):
+        for command in (["sample", "--prompt-file", tmp_path / name, "--temperature", 0, "--max-new-tokens", 5],
+                        ["eval", "--text", tmp_path / name]):
+            code, out, err = main(m, capsys, *command, "--out-dir", trained(m.name), "--device", "cpu")
+            assert code == 0 and "\ufeff" not in out, err
+            outputs.add(out.replace(name, "FILE"))
+    assert len(outputs) == 2 and any(out.startswith("Мой дядя") for out in outputs)
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(m, corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(m, capsys, *train_args(corpus, run, "--max-iters", 2, "--eval-interval", 2))[0] == 0
+    code, out, err = main(m, capsys, *train_args(corpus, run, "--max-iters", 40, "--eval-interval", 2, "--lr", 1e9,
+                                                  "--resume"))  # far too high: NaN within a few steps
+    assert one_line_error(code, err, "not finite at step") and "try a lower --lr" in err, err
+    diverged_at = int(re.search(r"step (\d+)", err).group(1))
+    saved = checkpoint(run)  # the last evaluation before the NaN, and finite
+    assert saved["step"] == (diverged_at - 1) // 2 * 2 and all(w.isfinite().all() for w in saved["weights"].values())
+    assert main(m, capsys, "sample", "--out-dir", run, "--max-new-tokens", 3, "--device", "cpu")[0] == 0
+
+
+@pytest.mark.parametrize("console", ["cp1252", "cp1251", "ascii"])
+def test_text_goes_out_as_utf8_whatever_the_console(m, trained, tmp_path, monkeypatch, console):
+    """Windows encodes a redirected stdout in its ANSI code page, which has no Cyrillic (cp1252) or no
+    Latin accents (cp1251); the commands write UTF-8 all the same."""
+    text = tmp_path / "глава.txt"
+    text.write_text("Ёлка, café", encoding="utf-8")
+    for argv in (["sample", "--prompt", "Ёлка, café", "--max-new-tokens", 5], ["eval", "--text", text]):
+        stdout = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout, encoding=console))
+        assert m.module.main([*map(str, argv), "--out-dir", str(trained(m.name)), "--device", "cpu"]) == 0
+        sys.stdout.flush()
+        assert stdout.getvalue().decode("utf-8").startswith(("Ёлка, café", f"{text}: loss"))
 
 
 # -----------------------------------------------------------------------------
