@@ -106,8 +106,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network: widen to 4 * n_embd, ReLU, project back. (The
-    paper already used GELU; ReLU here lets GELU show as one of gpt2.py's changes.)"""
+    """The position-wise feed-forward network: 4 * n_embd wide, ReLU (GPT-1's GELU is left to gpt2.py's diff)."""
 
     def __init__(self, config):
         super().__init__()
@@ -137,24 +136,23 @@ class Block(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0, else drawn
-    by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0 (and near 0), else
+    drawn by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
     Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or top_p out of range."""
     check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
     check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    # The likeliest at 0, the others below: a tiny temperature sends them to -inf (greedy), never to NaN.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = logits - logits.max(dim=-1, keepdim=True).values  # the likeliest at 0: near 0, the others go to -inf
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)  # not NaN: a float32 of 1e-39 would be 0
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
     if top_p is not None and top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token once those before it hold top_p: the likeliest always stays.
-        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # those before hold top_p; the first stays
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
     return torch.multinomial(probs, num_samples=1)
 
@@ -172,8 +170,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (GPT-1, GPT-2): reading a token in and predicting it out share one matrix.
-        self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-1, GPT-2): one matrix reads and predicts
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -266,7 +263,7 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
     eval_iters: int = arg(10, "batches per split in each evaluation")
-    max_time: float | None = arg(None, "stop and save after this long: 90s, 30m, 1h", type=duration)
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h (see get_lr)", type=duration)
     seed: int = arg(1337, "random seed")
     device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, else cpu)")
     dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where the hardware has it)")
@@ -292,8 +289,11 @@ def configure_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
 
 
-def get_lr(step, cfg):
-    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10."""
+def get_lr(step, cfg, elapsed=0.0):
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
+    Under a time budget (cfg.max_time) the clock stands in for the steps, rather than a step count guessed from
+    a measured rate: after `elapsed` seconds, elapsed / max_time of max_iters; the floor comes as time runs out."""
+    step = elapsed / cfg.max_time * cfg.max_iters if cfg.max_time else step
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))  # 0 -> 1
@@ -333,12 +333,12 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
     return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
 
 
-def save_checkpoint(path, model, optimizer, step, tok, batch_generator):
-    """All it takes to continue exactly, the config as a plain dict, the tokenizer's
-    fingerprint; written beside, then renamed over it: a crash leaves old or new."""
+def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0):
+    """All it takes to continue exactly (seconds trained too, for a time budget), the config as
+    a plain dict, the tokenizer's fingerprint; written beside, then renamed over: old or new."""
     rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}  # dropout's and the batches'
     checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
-                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, "elapsed": elapsed}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
@@ -371,8 +371,7 @@ def load_checkpoint(path):
 
 def pick_device(name, local_rank=0):
     """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
-    accelerator = torch.accelerator.current_accelerator()
-    kinds = ["cpu", accelerator.type] if accelerator else ["cpu"]
+    kinds = ["cpu", torch.accelerator.current_accelerator().type] if torch.accelerator.is_available() else ["cpu"]
     name = kinds[-1] if name == "auto" else name
     check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
     return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
@@ -403,14 +402,14 @@ def train(config, cfg):
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = GPT(config).to(device)
     optimizer = configure_optimizer(model, cfg, device)
-    batch_generator, step = torch.Generator().manual_seed(cfg.seed), 0
+    batch_generator, step, past = torch.Generator().manual_seed(cfg.seed), 0, 0.0  # past: seconds trained before
     if checkpoint:
         check(checkpoint["config"] == asdict(config), f"{ckpt_path} has another shape: give the same flags to resume")
         model.load_state_dict(checkpoint["weights"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_generator.set_state(checkpoint["rng"]["batches"])
-        step = checkpoint["step"]
+        step, past = checkpoint["step"], checkpoint.get("elapsed", 0.0)
         log(f"resuming from {ckpt_path} at step {step}")
     if not checkpoint and rank == 0:
         csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s\n")
@@ -433,16 +432,16 @@ def train(config, cfg):
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start, first_step, stopping = time.time(), step, False
+    start, first_step, stopping = time.time(), step, past >= (cfg.max_time or math.inf)  # a budget spent
     try:
-        while step < cfg.max_iters and not stopping:
-            lr = get_lr(step, cfg)
+        while (cfg.max_time or step < cfg.max_iters) and not stopping:
+            lr = get_lr(step, cfg, past + time.time() - start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.time()
             loss = train_step(trained, optimizer, splits["train"], cfg, config, batch_generator, device, autocast,
                               rank, world_size)
-            step, elapsed = step + 1, time.time() - start
+            step, elapsed = step + 1, past + time.time() - start
             tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
             stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
             status = torch.tensor([stopping, loss.item() / world_size], device=device)
@@ -459,17 +458,18 @@ def train(config, cfg):
                     batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
                                for _ in range(cfg.eval_iters))
                     row += evaluate(trained, batches, char_counts, device, autocast)
-                eta = min((cfg.max_iters - step) * elapsed / (step - first_step), (cfg.max_time or math.inf) - elapsed)
+                per_step = (elapsed - past) / (step - first_step)  # seconds, in this process
+                eta = cfg.max_time - elapsed if cfg.max_time else (cfg.max_iters - step) * per_step
                 log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
                     f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
                     f"ETA {timedelta(seconds=round(max(0, eta)))}")
                 check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
                 if rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator)
+                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed)
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
                         csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
-        log(f"stopped by {'Ctrl-C' if stop else '--max-time'} at step {step}: saved {ckpt_path}; --resume continues"
-            if step < cfg.max_iters else f"done: {ckpt_path} is at step {step}")
+        log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
+            f"done: {ckpt_path} is at step {step}")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if world_size > 1:

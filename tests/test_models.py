@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import count, pairwise
 from types import SimpleNamespace
 
@@ -295,6 +295,11 @@ def test_lr_schedule_and_duration(m):
         assert all(a > b for a, b in pairwise(lrs[10 : max_iters + 1]))  # cosine falls
         assert lrs[10 + (max_iters - 10) // 2] == pytest.approx(0.55e-3)  # halfway down from 1e-3 to 1e-4
         assert lrs[max_iters] == lrs[-1] == pytest.approx(1e-4)
+    timed = m.module.TrainConfig(lr=1e-3, warmup_iters=10, max_iters=100, max_time=50.0)  # a time budget
+    by_steps = replace(timed, max_time=None)
+    for elapsed in (0.0, 2.5, 20.0, 30.0, 49.0, 50.0, 80.0):  # the clock stands in for the steps: 2 a second
+        assert m.module.get_lr(7, timed, elapsed) == pytest.approx(m.module.get_lr(elapsed * 2, by_steps))
+    assert m.module.get_lr(0, timed, 50.0) == pytest.approx(1e-4)  # the floor as time runs out
     duration = m.module.duration
     assert duration("90s") == 90 and duration("30m") == 1800 and duration("1.5h") == 5400 and duration("45") == 45
     for bad in ("soon", "0m", "-5s", "1d", ""):  # not a duration, or one that TrainConfig refuses
@@ -350,7 +355,7 @@ def test_resume_continues_exactly(m, corpus, tmp_path, capsys):
     assert code == 0 and f"resuming from {tmp_path / 'split' / 'ckpt.pt'} at step 4" in out
     straight, split = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "split")
     assert straight["model"] == split["model"] == m.name and straight["step"] == split["step"] == 8
-    assert set(split) == {"model", "config", "tokenizer", "step", "weights", "optimizer", "rng"}
+    assert set(split) == {"model", "config", "tokenizer", "step", "weights", "optimizer", "rng", "elapsed"}
     assert set(split["rng"]) == {"torch", "batches"}  # dropout's and the batches' generators
     assert all(torch.equal(w, split["weights"][name]) for name, w in straight["weights"].items())
     for a, b in zip(straight["optimizer"]["state"].values(), split["optimizer"]["state"].values(), strict=True):
@@ -393,7 +398,21 @@ def test_max_time_stops_cleanly(m, corpus, tmp_path, capsys, monkeypatch):
     code, out, _ = main(m, capsys, *train_args(corpus, tmp_path, "--max-iters", 100000, "--max-time", "5s"))
     assert code == 0 and checkpoint(tmp_path)["step"] == last_logged_step(tmp_path) == 1
     assert re.search(r"^eval step 1: .* \| ETA 0:00:00$", out, re.MULTILINE), out
-    assert f"stopped by --max-time at step 1: saved {tmp_path / 'ckpt.pt'}; --resume continues" in out
+    assert f"done: {tmp_path / 'ckpt.pt'} is at step 1" in out
+
+
+def test_a_time_budget_replaces_max_iters_and_resume_continues_its_clock(m, corpus, tmp_path, capsys, monkeypatch):
+    """--max-time, not --max-iters, ends the run, with the schedule at its floor; the checkpoint keeps
+    the seconds trained, so a resumed run goes on with the same clock, and one whose time is spent stops."""
+    monkeypatch.setattr(m.module, "time", SimpleNamespace(time=count(0, 1).__next__))  # 1 s a call
+    argv = train_args(corpus, tmp_path, "--max-iters", 3, "--max-time", "60s", "--eval-interval", 100)
+    assert main(m, capsys, *argv)[0] == 0
+    saved, rows = checkpoint(tmp_path), (tmp_path / "log.csv").read_text().splitlines()
+    assert saved["step"] > 3 and 60 < saved["elapsed"] < 70 and float(rows[-1].split(",")[-1]) > 60
+    lr_floor = m.module.TrainConfig().lr / 10
+    assert float(rows[-1].split(",")[1]) == pytest.approx(lr_floor, rel=0.02)  # the last step's rate
+    code, out, _ = main(m, capsys, *argv, "--resume")
+    assert code == 0 and checkpoint(tmp_path)["step"] == saved["step"] and f"at step {saved['step']}" in out
 
 
 def test_two_processes_on_gloo_train_like_one_with_the_double_batch(m, corpus, tmp_path, capsys):
