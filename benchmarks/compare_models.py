@@ -1,30 +1,36 @@
 """
-gpt1.py, gpt2.py and llama.py side by side, at their default configs, in one run.
+Every model file side by side, at its default config, in one run: the speed and memory
+columns of the README's comparison table.
 
-For each model: parameters; training tokens per second (whole optimizer steps,
-batch 32 x 256 tokens, in the precision `train` picks); generation tokens per
-second for 240 new tokens from a 16-token prompt (the text fills the 256-token
-context), batch 1, greedy, with the KV-cache and without it (gpt1.py has none),
-all measured before any training step, in one process.
-Weights are random and tokens synthetic: speed depends on neither.
+For each model: total parameters and those active per token (a mixture of experts runs
+only the chosen experts); training tokens per second (whole optimizer steps, batch 32 x
+block_size tokens, in the precision `train` picks); generation tokens per second for 240
+new tokens from a 16-token prompt (the text fills the 256-token context), batch 1, greedy,
+with the KV-cache and without it (gpt1.py has none), all measured before any training
+step; and the KV-cache's bytes (float32) per token of context and when the text is 4x
+block_size long, read off the cache object itself. Weights are random and tokens
+synthetic: speed depends on neither.
 
-    python benchmarks/compare_models.py            # a few minutes on 2 cores
+    python benchmarks/compare_models.py            # several minutes on 2 cores
     python benchmarks/compare_models.py --quick    # tiny models: checks that it runs
 """
 
 import argparse
+import importlib
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import gpt1  # noqa: E402
-import gpt2  # noqa: E402
-import llama  # noqa: E402
 
-MODELS = [(gpt1, gpt1.GPTConfig, gpt1.GPT), (gpt2, gpt2.GPTConfig, gpt2.GPT), (llama, llama.LlamaConfig, llama.Llama)]
+MODELS = {  # file: (config class, model class)
+    "gpt1": ("GPTConfig", "GPT"), "gpt2": ("GPTConfig", "GPT"), "llama": ("LlamaConfig", "Llama"),
+    "mistral": ("MistralConfig", "Mistral"), "mixtral": ("MixtralConfig", "Mixtral"), "gemma": ("GemmaConfig", "Gemma"),
+}
+QUICK = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)  # where a config has them
 
 
 def train_speed(module, model, config, steps):
@@ -56,29 +62,55 @@ def generation_speed(model, config, prompt_length, new_tokens, repeats=3, **cach
     return new_tokens / best
 
 
+def active_params(model, config):
+    """Parameters a token runs through: of each block's experts, only n_expert_per_token of n_expert."""
+    n_expert = getattr(config, "n_expert", None)
+    if not n_expert:
+        return model.num_params()
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return model.num_params() - experts + experts * config.n_expert_per_token // n_expert
+
+
+def cache_bytes(module, config):
+    """The KV-cache's bytes per token of context, and in all for a text of 4 x block_size tokens:
+    gpt2.py and llama.py re-fill a block_size cache past the context, mistral.py rolls a window."""
+    if not hasattr(module, "KVCache"):
+        return None, None
+    cache = module.KVCache(config, 1, torch.device("cpu"), torch.float32)
+    total, slots = sum(t.nbytes for t in cache.k + cache.v), cache.k[0].size(2)
+    return total // slots, total * min(1, 4 * config.block_size / slots)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which files")
     args = parser.parse_args()
-    shape = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32) if args.quick else {}
     steps, prompt_length, new_tokens = (1, 4, 28) if args.quick else (5, 16, 240)
     print(f"{torch.get_num_threads()} threads; batch 32 x block for training, batch 1 greedy for generation\n")
-    print("| model | parameters | training tokens/s | generation tokens/s, cache | without cache |")
-    print("|---|---|---|---|---|")
+    print("| model | parameters | active per token | training tokens/s | generation tokens/s, cache | without cache "
+          "| KV-cache bytes per token | at 4x block_size |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     # All generation before any training, as `sample` runs in a fresh process: after training, the C
     # allocator keeps large freed blocks, which flatters the no-cache path (benchmarks/README.md).
-    for module, config_class, model_class in MODELS:
-        config = config_class(**shape, **(dict(n_kv_head=1) if args.quick and module is llama else {}))
+    for name in args.models:
+        module = importlib.import_module(name)
+        config_class, model_class = (getattr(module, n) for n in MODELS[name])
+        names = {f.name for f in fields(config_class)}
+        config = config_class(**{k: v for k, v in QUICK.items() if k in names} if args.quick else {})
         torch.manual_seed(0)
         model = model_class(config)
-        no_cache = dict(use_cache=False) if module is not gpt1 else {}
+        per_token, at_4x = cache_bytes(module, config)
+        no_cache = dict(use_cache=False) if per_token else {}
         without = generation_speed(model, config, prompt_length, new_tokens, **no_cache)
-        cached = "(none)" if module is gpt1 else f"{generation_speed(model, config, prompt_length, new_tokens):,.0f}"
-        rows.append((module, model, config, cached, without))
-    for module, model, config, cached, without in rows:
+        cached = f"{generation_speed(model, config, prompt_length, new_tokens):,.0f}" if per_token else "(none)"
+        memory = f"{per_token:,} | {at_4x / 2**20:.2f} MiB" if per_token else "(none) | (none)"
+        rows.append((module, model, config, f"{cached} | {without:,.0f} | {memory}"))
+    for module, model, config, generation in rows:
         training = train_speed(module, model, config, steps)
-        print(f"| {module.MODEL} | {model.num_params() / 1e6:.2f}M | {training:,.0f} | {cached} | {without:,.0f} |")
+        print(f"| {module.MODEL} | {model.num_params() / 1e6:.2f}M | {active_params(model, config) / 1e6:.2f}M | "
+              f"{training:,.0f} | {generation} |")
 
 
 if __name__ == "__main__":

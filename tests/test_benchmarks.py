@@ -1,0 +1,40 @@
+"""The scripts behind the README's comparison table and picture run, on tiny inputs; what they
+measure is never asserted here (speed is a benchmark's business, not a test's)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SUBPROCESS_ENV
+from test_models import MODELS
+
+LOG = "step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s\n"
+
+
+def run_script(name, *argv):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, argv)], capture_output=True,
+                          encoding="utf-8", env=SUBPROCESS_ENV, cwd=ROOT, timeout=300)
+
+
+def test_plot_runs_draws_a_curve_per_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, bpc in (("lr-1e-3", [4.1, 3.2, 2.9]), ("lr-3e-3", [4.0, 3.0, 2.6])):
+        (tmp_path / name).mkdir()
+        rows = [f"{100 * i},0.001,2,{b},2,{b},5000,{60.0 * i}\n" for i, b in enumerate(bpc, 1)]
+        (tmp_path / name / "log.csv").write_text(LOG + "".join(rows))
+    result = run_script("plot_runs.py", tmp_path / "lr-1e-3", tmp_path / "lr-3e-3", "--out", tmp_path / "runs.png")
+    assert result.returncode == 0 and "2 runs" in result.stdout, result.stderr
+    assert (tmp_path / "runs.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "log.csv").write_text(LOG)  # a run not evaluated yet
+    for bad in (tmp_path / "nowhere", tmp_path / "fresh"):
+        result = run_script("plot_runs.py", bad, "--out", tmp_path / "bad.png")
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_compare_models_prints_a_row_per_model():
+    result = run_script("compare_models.py", "--quick", "--models", *MODELS)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\| (\w+) \| [\d.]+M \| [\d.]+M \| [\d,]+ \| .* \|$", result.stdout, re.MULTILINE)
+    assert rows == MODELS, result.stdout
