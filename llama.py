@@ -677,7 +677,7 @@ def config_from_pretrained(folder):
     path = Path(folder) / "config.json"
     check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
     try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
+        hf = json.loads(path.read_text(encoding="utf-8-sig"))
     except ValueError as e:  # not UTF-8, or not JSON
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")

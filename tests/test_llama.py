@@ -199,6 +199,8 @@ def test_reads_bf16_safetensors_and_pytorch_model_bin(tmp_path):
     reference = hf_llama(folder)
     torch.save(reference.state_dict(), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
+    config = folder / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())  # saved by Notepad: a byte order mark first
     ours = Llama.from_pretrained(folder)
     assert all(torch.equal(ours.state_dict()[name], w) for name, w in reference.state_dict().items())
 
