@@ -61,7 +61,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama", "mistral"]
+MODELS = ["gpt1", "gpt2", "llama", "mistral", "gemma"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -72,6 +72,7 @@ TABLE = {
                              ", tokenizer)", "if tok", "tok and")),  # and sampling without a tokenizer (tok None)
     "mistral": Model("mistral", "MistralConfig", "Mistral", "Mistral", cache=True, window=True,
                      tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5), sibling="llama"),
+    "gemma": Model("gemma", "GemmaConfig", "Gemma", "Gemma", cache=True, tiny=dict(multiple_of=8), sibling="llama"),
 }
 CACHED = [name for name in MODELS if TABLE[name].cache]
 SIBLINGS = [name for name in MODELS if TABLE[name].sibling]
