@@ -59,7 +59,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama"]
+MODELS = ["gpt1", "gpt2", "llama", "mixtral"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -68,6 +68,9 @@ TABLE = {
                    sibling="gpt2", sibling_only=("export",),
                    own_only=("prompt_ids", "prompt-ids", "--tokenizer", "args.tokenizer", "tokenizer=None",
                              ", tokenizer)", "if tok", "tok and")),  # and sampling without a tokenizer (tok None)
+    "mixtral": Model("mixtral", "MixtralConfig", "Mixtral", "Mixtral", cache=True,
+                     tiny=dict(n_kv_head=2, multiple_of=8, n_expert=4), sibling="llama",
+                     own_only=("balance", "expert_share", "active")),  # the log: aux loss, expert shares, active params
 }
 CACHED = [name for name in MODELS if TABLE[name].cache]
 SIBLINGS = [name for name in MODELS if TABLE[name].sibling]
@@ -695,15 +698,16 @@ def test_the_check_catches_an_unmirrored_change(m):
     units = top_level_units(ours)[0]
     name = next(n.name for n in ast.parse(sibling).body
                 if isinstance(n, ast.FunctionDef) and units.get(n.name, ("",))[0] == "Training")
-    for our_line, sibling_line in [(None, "x = 1"), ("x = 1", None), ("x = 2", "x = 1"),
-                                   ("x = 2", f"x = {m.sibling_only[0]}")]:  # a change hidden behind a feature
+    hidden = [("x = 2", f"x = {word}") for word in m.sibling_only[:1]]  # a change hidden behind a feature
+    for our_line, sibling_line in [(None, "x = 1"), ("x = 1", None), ("x = 2", "x = 1"), *hidden]:
         problems = new_problems(edited(ours, name, our_line) if our_line else ours,
                                 edited(sibling, name, sibling_line) if sibling_line else sibling)
         assert len(problems) == 1 and problems[0].startswith(f"{name}:"), problems
     assert new_problems(our_source=edited(ours, name)) == [f"{name} (Training) is in {m.sibling}.py only"]
     extra = ours + "\n\ndef extra():\n    pass\n"
     assert new_problems(our_source=extra) == [f"extra (Command line) is in {m.name}.py only"]
-    features = [(sibling, "sibling_source", m.sibling_only[0])] + [(ours, "our_source", w) for w in m.own_only[:1]]
+    features = [(sibling, "sibling_source", w) for w in m.sibling_only[:1]] + [(ours, "our_source", w)
+                                                                               for w in m.own_only[:1]]
     for source, side, word in features:
         extended = edited(source, name, f"{word}()") + f"\n\ndef {word}_more():\n    pass\n"
         assert new_problems(**{side: extended}) == []
