@@ -1,17 +1,16 @@
 """
 Mixtral from scratch: the model, its data, training, sampling and command line in one file.
 
-Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is LLaMA (llama.py) with each block's MLP
+Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is Mistral (mistral.py) with each block's MLP
 replaced by a sparse mixture of experts (Shazeer et al., 2017; Fedus et al., 2022, "Switch Transformers"):
 
   - n_expert SwiGLU MLPs per block, the experts, and a router, Linear(n_embd, n_expert), scoring them.
-  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8), their outputs
-    weighted by a softmax over those scores: the parameters of n_expert MLPs, the compute of k.
-  - Trained from scratch, a router soon sends most tokens to a few experts; an auxiliary loss
-    (Switch Transformer's load balancing) pulls the spread back to even. The log shows it.
+  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8), their outputs weighted
+    by a softmax over those scores: the parameters of n_expert MLPs, the compute of n_expert_per_token.
+  - A load-balancing loss (Switch Transformer's) against a router that sends most tokens to a few experts.
 
-The default, 8 experts of half LLaMA's MLP width, top 2, has 15.71M parameters, 5.98M of them
-active per token: as many as llama.py's 5.96M, and the same compute.
+The default, 8 experts of half LLaMA's MLP width, top 2: 15.71M parameters, 5.98M active per token
+(mistral.py: 5.96M, the same compute).
 
     python mixtral.py train                  # tokenizer, encoded corpus, then training
     python mixtral.py sample --prompt "Мой дядя"
@@ -61,11 +60,11 @@ def check(ok, message):
 
 @dataclass
 class MixtralConfig:
-    """The shape of the network. Mixtral 8x7B is MixtralConfig(32000, 32768, 32, 32, 4096, 0.0, 1e-5, 8, 1e6, 256,
-    14336, False, 8, 2, 0.02)."""
+    """The shape of the network. Mixtral 8x7B is MixtralConfig(32000, 32768, 32, 32, 4096, 0.0, 1e-5, 8, 1e6,
+    mlp_hidden=14336, sliding_window=32768, n_expert=8, n_expert_per_token=2, router_aux_loss_coef=0.02)."""
 
     vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE tokenizer gets this size)")
-    block_size: int = arg(256, "context length: the most tokens the model sees at once")
+    block_size: int = arg(256, "training context: the tokens of each training window (the model takes any length)")
     n_layer: int = arg(6, "Transformer blocks")
     n_head: int = arg(8, "attention heads per block")
     n_embd: int = arg(256, "width of the residual stream; each head gets n_embd // n_head")
@@ -74,16 +73,16 @@ class MixtralConfig:
     n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query heads (1: multi-query)")
     rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns ~1 / rope_theta per position")
     multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
-    mlp_hidden: int | None = arg(None, "each expert's hidden width (None: LLaMA's MLP's, 8/3 * n_embd rounded up "
-                                       "to multiple_of, split among a token's n_expert_per_token experts)")
+    mlp_hidden: int | None = arg(None, "each expert's hidden width (None: LLaMA's MLP width / n_expert_per_token)")
     tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the head, as GPT-2")
+    sliding_window: int = arg(64, "attention's reach: each query sees the last sliding_window keys, its own included")
     n_expert: int = arg(8, "experts, SwiGLU MLPs of mlp_hidden each, in every block")
     n_expert_per_token: int = arg(2, "experts each token goes to (top-k): the active ones")
     router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss in the training loss (0: none)")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "multiple_of",
-                     "n_expert", "n_expert_per_token"):
+                     "sliding_window", "n_expert", "n_expert_per_token"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -97,10 +96,8 @@ class MixtralConfig:
         check(isinstance(value, int) and value >= 1, f"mlp_hidden must be a positive integer, got {value!r}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
-        check(self.n_expert_per_token <= self.n_expert, f"n_expert_per_token ({self.n_expert_per_token}) must not "
-              f"exceed n_expert ({self.n_expert})")
-        coef = self.router_aux_loss_coef
-        check(coef >= 0, f"router_aux_loss_coef must not be negative, got {coef}")
+        check(self.n_expert_per_token <= self.n_expert, f"n_expert_per_token must be <= n_expert ({self.n_expert})")
+        check(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 # -----------------------------------------------------------------------------
@@ -129,19 +126,20 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns its feature
     pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m, then back by n, is turning
-    by m - n: the score q_m . k_n depends on m - n only, and nothing is learned."""
+    by m - n: the score q_m . k_n depends on m - n only, and nothing is learned. Computed for the positions
+    asked, as far as the text goes: no table of block_size rows."""
 
     def __init__(self, config):
         super().__init__()
         head_size = config.n_embd // config.n_head
         inv_freq = config.rope_theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs / 2,)
-        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)  # (block_size, hs / 2)
-        angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_size): features i and i + hs / 2 pair up
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # not persistent: no checkpoint needs it
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # not persistent: no checkpoint needs it
 
     def forward(self, start, T):  # cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1
-        return self.cos[start : start + T], self.sin[start : start + T]
+        positions = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)  # exact to 2^24
+        angles = positions[:, None] * self.inv_freq.float()  # (T, hs / 2): in float32 whatever the model's dtype
+        angles = torch.cat([angles, angles], dim=-1)  # (T, head_size): features i and i + hs / 2 pair up
+        return angles.cos().to(self.inv_freq.dtype), angles.sin().to(self.inv_freq.dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -154,37 +152,57 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, heads, T, head_size)
 
 
-def attention(q, k, v, dropout_p=0.0):
+# The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for sliding_window = W (its
+# masking_utils keeps key j for query i where j > i - W, and j <= i): query i sees the keys i - W < j <= i,
+# W of them, its own included. Stacked layers reach further: layer 1's output at j already mixes the tokens
+# back to j - (W - 1), so layer 2's at i mixes those back to i - 2 (W - 1), and the last layer's logits see
+# n_layer * (W - 1) positions back, as a deep CNN's receptive field grows with depth.
+
+
+def attention(q, k, v, window, dropout_p=0.0):
     """Masked scaled dot-product attention, softmax(q k^T / sqrt(head_size)) v, for the
     queries q (B, n_head, T, head_size) of the last T of the T_k positions whose keys and
-    values k, v (B, n_head, T_k, head_size) hold: query i sees keys 0 .. T_k - T + i."""
+    values k, v (B, n_head, T_k, head_size) hold: query i, at T_k - T + i, sees the last
+    `window` keys up to its own, T_k - T + i - window < j <= T_k - T + i."""
     T, T_k = q.size(-2), k.size(-2)
-    if FUSED and T in (1, T_k):  # one kernel: the causal mask, or none for one new token (all of generation)
+    if FUSED and T in (1, T_k) and T_k <= window:  # the window cuts nothing: the causal mask, or none for one token
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
     causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)  # (T, T_k)
+    band = causal.triu(diagonal=T_k - T - window + 1)  # (T, T_k): and within the window
+    if FUSED:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_k)
-    att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+    att = F.softmax(att.masked_fill(~band, float("-inf")), dim=-1)
     att = F.dropout(att, dropout_p)  # GPT-2's attention dropout: on the weights
     return att @ v  # (B, n_head, T, head_size)
 
 
 class KVCache:
-    """The keys and values of the tokens so far, per layer, of the shared heads only, in buffers (B, n_kv_head,
-    block_size, head_size) written in place; the next tokens go to positions pos, ..."""
+    """Mistral's rolling buffer: the keys and values of the last W = sliding_window tokens, per layer, of the shared
+    heads only, in buffers (B, n_kv_head, W, head_size); position p goes to slot p % W, over position p - W, which
+    has left every later query's window. O(W) memory at any length. The next tokens are at positions pos, ..."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.n_embd // config.n_head)
+        shape = (batch_size, config.n_kv_head, config.sliding_window, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
+        self.pos, self.window = 0, config.sliding_window
 
     def update(self, layer, k, v):
-        """Store a layer's k, v (B, n_kv_head, T, head_size) at pos and return all so far (B, n_kv_head,
-        pos + T, head_size); Mixtral.forward advances pos once every layer has stored."""
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions pos, ..., pos + T - 1 and return the keys
+        and values they attend to (B, n_kv_head, T_k, head_size); Mixtral.forward advances pos once every layer has
+        stored. One token: the buffer itself, in slot order (one query's softmax ignores order). A chunk: the
+        cached last W - 1 positions, then its own, in position order, for attention's mask."""
+        W, T = self.window, k.size(2)
+        if T == 1:  # decoding: the ring as it is, min(pos + 1, W) slots, all in the window
+            self.k[layer][:, :, self.pos % W], self.v[layer][:, :, self.pos % W] = k[:, :, 0], v[:, :, 0]
+            return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
+        kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W  # slots, oldest first
+        k_all = torch.cat([self.k[layer][:, :, kept], k], dim=2)  # (B, n_kv_head, T_k, head_size)
+        v_all = torch.cat([self.v[layer][:, :, kept], v], dim=2)  # (B, n_kv_head, T_k, head_size)
+        slots = torch.arange(self.pos, self.pos + T, device=k.device)[-W:] % W  # the chunk's last W positions
+        self.k[layer][:, :, slots], self.v[layer][:, :, slots] = k[:, :, -W:], v[:, :, -W:]
+        return k_all, v_all
 
 
 class CausalSelfAttention(nn.Module):
@@ -194,6 +212,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.n_head, self.n_kv_head, self.dropout = config.n_head, config.n_kv_head, config.dropout
+        self.window = config.sliding_window
         self.layer = layer  # which layer of a KVCache is ours
         self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * (config.n_embd // config.n_head), bias=False)
@@ -212,14 +231,13 @@ class CausalSelfAttention(nn.Module):
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
         v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
         dropout_p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, dropout_p)  # (B, n_head, T, head_size)
+        y = attention(q, k, v, self.window, dropout_p)  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side
         return F.dropout(self.o_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
-    """One expert: LLaMA's SwiGLU (Shazeer, 2020), w2(silu(w1(x)) * w3(x)), with Mixtral's names: w1 the gate,
-    w3 up, w2 down."""
+    """One expert: LLaMA's SwiGLU (Shazeer, 2020), w2(silu(w1(x)) * w3(x)), in Mixtral's names: w1 gate, w3 up."""
 
     def __init__(self, config):
         super().__init__()
@@ -236,13 +254,10 @@ class MLP(nn.Module):
 
 
 def dispatch(x, chosen, weights, experts):
-    """Each token's weighted sum of its chosen experts' outputs, each expert run on its own tokens only:
-    x (N, n_embd), chosen and weights (N, k) -> (N, n_embd). The (token, expert) pairs are sorted by
-    expert, so that each expert's tokens are one slice: N * k token-expert products, not N * n_expert.
-
-    Dropless: an expert takes all the tokens sent to it. Switch Transformer instead gives each expert
-    capacity_factor * N * k / n_expert slots, one shape for every expert's matmul on its TPUs; the
-    tokens past an expert's capacity are dropped, passing the layer on the residual stream only."""
+    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen and weights (N, k) ->
+    (N, n_embd). The (token, expert) pairs sorted by expert, each expert runs once, on its own tokens: N * k
+    products, not N * n_expert. Dropless: Switch Transformer gives each expert capacity_factor * N * k /
+    n_expert slots (one matmul shape on TPUs) and drops the tokens past them, to the residual stream only."""
     k = chosen.size(1)
     order = chosen.flatten().argsort(stable=True)  # (N * k,): the pairs, grouped by expert
     tokens = order // k  # (N * k,): each pair's token
@@ -254,9 +269,8 @@ def dispatch(x, chosen, weights, experts):
 
 
 class SparseMoE(nn.Module):
-    """The sparse mixture of experts, in the MLP's place: the router scores the n_expert experts for each
-    token, which goes to its n_expert_per_token best, weighted by a softmax over their scores. (transformers
-    takes the softmax over all, renormalised over the chosen: the same numbers.)"""
+    """The sparse mixture of experts in the MLP's place: each token goes to the n_expert_per_token experts the
+    router scores best (transformers' softmax over all, renormalised over the chosen, gives the same weights)."""
 
     def __init__(self, config):
         super().__init__()
@@ -276,12 +290,11 @@ class SparseMoE(nn.Module):
 
 
 def load_balancing_loss(router_logits, k):
-    """Switch Transformer's auxiliary loss (Fedus et al., 2022, eqs. 4-6) as transformers' Mixtral computes it,
-    over all layers' tokens together: n_expert * sum_i f_i * P_i, f_i the fraction of tokens with expert i
-    among their top k, P_i expert i's mean router probability; k when the spread is even. Switch Transformer
-    takes it per layer: pooled, layers that collapse onto different experts add up to an even spread, which
-    the loss does not see (the per-layer shares do). router_logits (n_layer, N, n_expert) -> the loss, and
-    each layer's expert shares, f_i / k (n_layer, n_expert)."""
+    """Switch Transformer's auxiliary loss (Fedus et al., 2022, eqs. 4-6) as transformers' Mixtral computes it:
+    n_expert * sum_i f_i * P_i over all layers' tokens together, f_i the fraction of tokens with expert i in
+    their top k, P_i its mean router probability; k when even. Pooled, layers collapsed onto different experts
+    look even (Switch Transformer's is per layer). router_logits (n_layer, N, n_expert) -> the loss, and each
+    layer's expert shares f_i / k (n_layer, n_expert)."""
     n_layer, N, n_expert = router_logits.size()
     probs = F.softmax(router_logits, dim=-1)  # (n_layer, N, n_expert)
     counts = F.one_hot(probs.topk(k, dim=-1).indices, n_expert).sum(dim=(1, 2)).to(probs.dtype)  # (n_layer, n_expert)
@@ -340,7 +353,7 @@ class Mixtral(nn.Module):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:  # as GPT-2; LLaMA's head is apart: vocab_size * n_embd parameters, little at 7B
+        if config.tie_embeddings:  # as GPT-2; Mistral's head is apart: vocab_size * n_embd parameters, little at 7B
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
 
@@ -359,8 +372,7 @@ class Mixtral(nn.Module):
         return sum(p.numel() for p in self.parameters()) - (idle if active else 0)
 
     def balance(self):
-        """The last forward's aux_loss, and the smallest and largest expert share in any layer (an even spread:
-        1 / n_expert each), as a tensor (3,)."""
+        """The last forward's aux_loss, smallest and largest expert share in any layer (1 / n_expert: even), (3,)."""
         return torch.stack([self.aux_loss.detach(), self.expert_share.min(), self.expert_share.max()])
 
     @classmethod
@@ -369,24 +381,21 @@ class Mixtral(nn.Module):
         return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """Logits (B, T, vocab_size) for the token ids idx (B, T), and, given targets (B, T), the mean
-        cross-entropy loss plus router_aux_loss_coef * aux_loss (else None). With a kv_cache, idx are the
-        tokens after the cached ones, at positions kv_cache.pos, kv_cache.pos + 1, ... Keeps this forward's
-        load-balancing loss, unscaled, as self.aux_loss, and the expert shares as self.expert_share."""
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), T of any length, and, given targets (B, T), the
+        mean cross-entropy + router_aux_loss_coef * aux_loss (else None); keeps this forward's aux_loss, unscaled,
+        and expert_share. With a kv_cache, idx are the tokens after the cached ones, at positions kv_cache.pos, ..."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
-        check(start + T <= self.config.block_size, f"{start + T} tokens exceed the context of {self.config.block_size}")
         rope = self.model.rotary_emb(start, T)  # cos, sin (T, head_size): the turns of positions start, ...
         x = self.model.embed_tokens(idx)  # (B, T, n_embd)
         x = F.dropout(x, self.config.dropout, self.training)
-        router_logits = []  # each layer's (B * T, n_expert)
+        routing = []  # each layer's router logits (B * T, n_expert)
         for block in self.model.layers:
-            x, layer_router_logits = block(x, rope, kv_cache)  # (B, T, n_embd)
-            router_logits.append(layer_router_logits)
+            x, router_logits = block(x, rope, kv_cache)  # (B, T, n_embd), (B * T, n_expert)
+            routing.append(router_logits)
         if kv_cache is not None:
             kv_cache.pos += T
-        router_logits = torch.stack(router_logits)  # (n_layer, B * T, n_expert)
-        self.aux_loss, self.expert_share = load_balancing_loss(router_logits, self.config.n_expert_per_token)
+        self.aux_loss, self.expert_share = load_balancing_loss(torch.stack(routing), self.config.n_expert_per_token)
         logits = self.lm_head(self.model.norm(x))  # (B, T, vocab_size)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + \
             self.config.router_aux_loss_coef * self.aux_loss
@@ -398,13 +407,15 @@ class Mixtral(nn.Module):
 
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each step
-        runs the whole window; with it, the first fills the cache and the others run one token.
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each step runs
+        the whole text so far, uncropped; with it, the first runs the prompt in chunks of sliding_window
+        tokens (chunked prefill), the others one token each.
 
-        Past block_size the window slides and the cache goes stale, though not its positions, as RoPE's
-        scores see relative ones only: from the second layer on each key and value depends on the token
-        that just left. So it is re-filled from the window at each step: as slow as no cache,
-        but exact, where a sliding cache would compute another model.
+        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the cropped window at
+        each step: there a query sees every token before it, so cropping the oldest changes every key and
+        value from the second layer on. Here a query never sees further back than sliding_window, and
+        RoPE's scores depend on distances only: a key or value, once computed, stays the full forward's
+        at any length, and the rolling cache computes exactly the uncropped model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy), got {temperature}")
@@ -415,14 +426,13 @@ class Mixtral(nn.Module):
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
         kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        W = self.config.sliding_window
         for t in range(T, T + max_new_tokens):  # t: tokens so far
-            if kv_cache is not None and kv_cache.pos == t - 1 and t <= self.config.block_size:
-                x = tokens[:, t - 1 : t]  # (B, 1): the rest is cached
-            else:
-                x = tokens[:, max(0, t - self.config.block_size) : t]  # (B, <= block_size): the window
-                if kv_cache is not None:
-                    kv_cache.pos = 0  # fill (or re-fill: see above) from the window
-            logits, _ = self(x, kv_cache=kv_cache)  # (B, T_x, vocab_size)
+            if kv_cache is None:
+                logits, _ = self(tokens[:, :t])  # (B, t, vocab_size): the whole text, uncropped
+            else:  # the tokens not cached yet, W at a time: the prompt in chunks, then one per step
+                for start in range(kv_cache.pos, t, W):
+                    logits, _ = self(tokens[:, start : min(start + W, t)], kv_cache=kv_cache)  # (B, <= W, vocab_size)
             tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
             yield tokens[:, t : t + 1]
 
@@ -743,22 +753,19 @@ def cmd_sample(args):
 #
 # Hugging Face publishes Mixtral models as a folder: config.json (the shape), model.safetensors
 # or pytorch_model.bin (the weights) and a tokenizer. Our module names and nn.Linear's (out, in) layout
-# are the files' (block_sparse_moe.gate, block_sparse_moe.experts.N.w1, ...; transformers 5 stacks the
-# experts into 3-D tensors once loaded): loading is a plain copy. Their tokenizers (SentencePiece, tiktoken)
-# are not read here: such a model takes and gives token ids (`sample --prompt-ids 1 450 4996`), or text
-# through --tokenizer.
+# are theirs: loading is a plain copy. Their tokenizers (SentencePiece, tiktoken) are not read here:
+# such a model takes and gives token ids (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
 
 CONFIG_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "block_size",  # theirs: ours
                "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
                "rms_norm_eps": "norm_eps", "num_key_value_heads": "n_kv_head", "rope_theta": "rope_theta",
                "intermediate_size": "mlp_hidden", "tie_word_embeddings": "tie_embeddings",
-               "num_local_experts": "n_expert", "num_experts_per_tok": "n_expert_per_token",
-               "router_aux_loss_coef": "router_aux_loss_coef"}
+               "sliding_window": "sliding_window", "num_local_experts": "n_expert",
+               "num_experts_per_tok": "n_expert_per_token", "router_aux_loss_coef": "router_aux_loss_coef"}
 SUPPORTED = {  # config.json's settings of Mixtral variants: the values mixtral.py computes, transformers' default first
     "architectures": (["MixtralForCausalLM"],),
     "model_type": ("mixtral",),
     "hidden_act": ("silu",),  # SwiGLU's gate
-    "sliding_window": (None,),  # attention over the whole context
     "router_jitter_noise": (0.0,),  # the router's input scaled by noise in training
 }
 
@@ -779,9 +786,11 @@ def config_from_pretrained(folder):
         check(not rope or rope.get("rope_type", rope.get("type")) in (None, "default"),
               f"{path} asks for RoPE scaling ({rope}), which mixtral.py does not compute")
     hf = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 1e6,  # transformers' defaults,
-          "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001,
+          "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001,
           "num_key_value_heads": hf.get("num_attention_heads"), **hf, **(hf.get("rope_parameters") or {})}  # and 5's
     check(CONFIG_KEYS.keys() <= hf.keys(), f"{path} lacks {', '.join(sorted(CONFIG_KEYS.keys() - hf.keys()))}")
+    if hf["sliding_window"] is None:  # no window (Mistral 7B v0.2 on): the same model as a window of all positions
+        hf["sliding_window"] = hf["max_position_embeddings"]
     try:
         config = MixtralConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()})
     except ValueError as e:

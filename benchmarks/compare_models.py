@@ -1,5 +1,5 @@
 """
-gpt1.py, gpt2.py and llama.py side by side, at their default configs, in one run.
+gpt1.py, gpt2.py, llama.py and mistral.py side by side, at their default configs, in one run.
 
 For each model: parameters; training tokens per second (whole optimizer steps,
 batch 32 x 256 tokens, in the precision `train` picks); generation tokens per
@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpt1  # noqa: E402
 import gpt2  # noqa: E402
 import llama  # noqa: E402
+import mistral  # noqa: E402
 
-MODELS = [(gpt1, gpt1.GPTConfig, gpt1.GPT), (gpt2, gpt2.GPTConfig, gpt2.GPT), (llama, llama.LlamaConfig, llama.Llama)]
+MODELS = [(gpt1, gpt1.GPTConfig, gpt1.GPT), (gpt2, gpt2.GPTConfig, gpt2.GPT), (llama, llama.LlamaConfig, llama.Llama),
+          (mistral, mistral.MistralConfig, mistral.Mistral)]
 
 
 def train_speed(module, model, config, steps):
@@ -69,7 +71,7 @@ def main():
     # All generation before any training, as `sample` runs in a fresh process: after training, the C
     # allocator keeps large freed blocks, which flatters the no-cache path (benchmarks/README.md).
     for module, config_class, model_class in MODELS:
-        config = config_class(**shape, **(dict(n_kv_head=1) if args.quick and module is llama else {}))
+        config = config_class(**shape, **(dict(n_kv_head=1) if args.quick and module in (llama, mistral) else {}))
         torch.manual_seed(0)
         model = model_class(config)
         no_cache = dict(use_cache=False) if module is not gpt1 else {}

@@ -1,10 +1,10 @@
 """
-mixtral.py against its dense sibling llama.py: training tokens per second at equal
+mixtral.py against its dense sibling mistral.py: training tokens per second at equal
 active parameters per token, side by side in one process.
 
 Both at their default configs, which have the same active parameters: mixtral.py's
-experts are llama.py's MLP width / n_expert_per_token wide, so a token's experts
-cost what llama.py's MLP costs, plus the router. Whole optimizer steps (batch
+experts are mistral.py's MLP width / n_expert_per_token wide, so a token's experts
+cost what mistral.py's MLP costs, plus the router. Whole optimizer steps (batch
 sampling, forward, backward, clipping, AdamW), batch 32 x 256 tokens, in the
 precision `train` picks; the two models alternate, `--rounds` times, and each
 model's best round counts. The goal: the mixture at least 0.67x the dense
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import llama as dense  # noqa: E402
+import mistral as dense  # noqa: E402
 import mixtral  # noqa: E402
 from compare_models import train_speed  # noqa: E402  (this folder is on the path of a script run from it)
 
-MODELS = [(dense, dense.LlamaConfig, dense.Llama), (mixtral, mixtral.MixtralConfig, mixtral.Mixtral)]
+MODELS = [(dense, dense.MistralConfig, dense.Mistral), (mixtral, mixtral.MixtralConfig, mixtral.Mixtral)]
 
 
 def main():

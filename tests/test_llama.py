@@ -150,15 +150,16 @@ def test_initialisation_and_the_untied_head(corpus, tmp_path, capsys):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def hf_llama(folder, seed=0, dtype=None, **kwargs):
-    """A random small transformers LlamaForCausalLM (weights far from its init),
-    saved in folder with save_pretrained; returns the model."""
+def hf_llama(folder, seed=0, dtype=None, family="Llama", **kwargs):
+    """A random small transformers LlamaForCausalLM (or another family's, such as Mistral's) with weights
+    far from its init, saved in folder with save_pretrained; returns the model."""
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.disable_progress_bar()  # its progress bars would go to the stderr tests read
     torch.manual_seed(seed)
     settings = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-6, rope_theta=500.0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **kwargs})).eval()
+    config = getattr(transformers, f"{family}Config")(**{**settings, **kwargs})
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3)

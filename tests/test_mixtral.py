@@ -1,11 +1,11 @@
 """What only mixtral.py has: the sparse mixture of experts (router, top-k routing,
 dispatch by expert), the load-balancing loss and its log, Hugging Face's
-MixtralForCausalLM as the reference (loaded with --init-from). What every model
-file must do is tested in test_models.py; what mixtral.py shares with llama.py's
-model (RMSNorm, RoPE, grouped-query attention) in test_llama.py."""
+MixtralForCausalLM as the reference (loaded with --init-from), with a sliding window
+shorter than the test sequences. What every model file must do is tested in
+test_models.py; what mixtral.py shares with mistral.py's model (the sliding window,
+the rolling cache) in test_mistral.py, and with llama.py's in test_llama.py."""
 
 import csv
-import json
 import shutil
 
 import pytest
@@ -13,6 +13,7 @@ import torch
 from conftest import TINY, one_line_error, randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_llama import edit_config, hf_llama
 
 import bpe
 import mixtral
@@ -131,22 +132,12 @@ def test_the_balance_loss_spreads_the_tokens_over_the_experts(trained, corpus, t
 # Hugging Face's Mixtral as the reference
 
 
-def hf_mixtral(folder, seed=0, dtype=None, **kwargs):
-    """A random small transformers MixtralForCausalLM (weights far from its init),
-    saved in folder with save_pretrained; returns the model."""
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.disable_progress_bar()  # its progress bars would go to the stderr tests read
-    torch.manual_seed(seed)
-    settings = dict(vocab_size=50, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-6, rope_theta=500.0,
-                    num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, eos_token_id=None)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**settings, **kwargs})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(folder)
+def hf_mixtral(folder, dtype=None, **kwargs):
+    """test_llama's random small model as a MixtralForCausalLM, 4 experts, top 2, saved in folder; its window,
+    5, shorter than the test sequences; no end-of-text token, so that generate goes on to the end."""
+    settings = dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, sliding_window=5,
+                    eos_token_id=None)
+    model = hf_llama(folder, dtype=dtype, family="Mixtral", **{**settings, **kwargs})
     model.set_experts_implementation("eager")  # its default, grouped_mm, has no float64
     return model
 
@@ -166,17 +157,18 @@ def routing_margin(model, idx):
 
 @pytest.mark.parametrize("kwargs", [dict(num_local_experts=4, num_experts_per_tok=2),
                                     dict(num_local_experts=8, num_experts_per_tok=2, output_router_logits=True),
-                                    dict(num_local_experts=3, num_experts_per_tok=1),
+                                    dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=3),
                                     dict(num_local_experts=2, num_experts_per_tok=2, num_key_value_heads=1)])
 def test_logits_loss_and_aux_loss_equal_transformers_mixtral(kwargs, tmp_path):
-    """In float64, on inputs whose routing margins are clear (checked): transformers routes on float32
-    probabilities, and a near-tie between two experts could flip between its model and ours."""
+    """40 tokens, past the window and max_position_embeddings (16). In float64, on inputs whose routing
+    margins are clear (checked): transformers routes on float32 probabilities, and a near-tie between
+    two experts could flip between its model and ours."""
     reference = hf_mixtral(tmp_path, **kwargs).double()
     ours = Mixtral.from_pretrained(tmp_path).double().eval()
     assert (ours.config.n_expert, ours.config.n_expert_per_token) == (kwargs["num_local_experts"],
                                                                       kwargs["num_experts_per_tok"])
-    assert ours.config.router_aux_loss_coef == 0.02
-    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert ours.config.router_aux_loss_coef == 0.02 and ours.config.sliding_window == reference.config.sliding_window
+    idx = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
     assert routing_margin(ours, idx) > 1e-4
     with torch.no_grad():
         expected = reference(idx, labels=idx, output_router_logits=True)
@@ -190,14 +182,16 @@ def test_logits_loss_and_aux_loss_equal_transformers_mixtral(kwargs, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_local_experts=4, num_experts_per_tok=2),
-                                    dict(num_local_experts=8, num_experts_per_tok=1)])
-def test_greedy_generation_equals_transformers_generate(kwargs, tmp_path):
-    """In float64 (see above)."""
+                                    dict(num_local_experts=8, num_experts_per_tok=1, num_key_value_heads=1)])
+def test_greedy_text_equals_transformers_generate_past_the_window(kwargs, tmp_path):
+    """30 new tokens after 5, past the window of 5 and max_position_embeddings of 16, in float64 (see
+    above), with the rolling cache and without."""
     reference = hf_mixtral(tmp_path, **kwargs).double()
     ours = Mixtral.from_pretrained(tmp_path).double().eval()
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    expected = reference.generate(prompt, max_new_tokens=11, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert expected.size(1) == 16 and torch.equal(ours.generate(prompt, 11, temperature=0), expected)
+    expected = reference.generate(prompt, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert expected.size(1) == 35 and torch.equal(ours.generate(prompt, 30, temperature=0), expected)
+    assert torch.equal(ours.generate(prompt, 30, temperature=0, use_cache=False), expected)
 
 
 def test_reads_bf16_safetensors(tmp_path):
@@ -225,16 +219,9 @@ def test_init_from_trains_from_the_reference_weights(trained, corpus, tmp_path, 
     assert all(torch.allclose(w, expected[name], atol=1e-6) for name, w in model.state_dict().items())
 
 
-def edit_config(**changes):
-    def spoil(folder):
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, **changes}))
-    return spoil
-
-
 @pytest.mark.parametrize("spoil, key", [
     (edit_config(model_type="mistral", architectures=["MistralForCausalLM"]), "MixtralForCausalLM"),
-    (edit_config(sliding_window=8), "sliding_window"),
+    (edit_config(sliding_window=0), "sliding_window"),
     (edit_config(router_jitter_noise=0.1), "router_jitter_noise"),
     (edit_config(num_experts_per_tok=5), "n_expert_per_token"),
     (edit_config(num_local_experts=5), "experts.4"),

@@ -40,6 +40,7 @@ class Model:
     model_class: str
     title: str  # how its docstrings name it
     cache: bool  # generates with a KV-cache (and has sample --no-cache)
+    window: bool = False  # sliding-window attention: any length, and generation over the whole text, uncropped
     tiny: dict = field(default_factory=dict)  # config values the shared tiny shapes need besides theirs
     sibling: str | None = None  # the file it must equal outside the model
     sibling_only: tuple = ()  # words that mark the sibling's features this file does not have
@@ -59,7 +60,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama", "mixtral"]
+MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -68,8 +69,10 @@ TABLE = {
                    sibling="gpt2", sibling_only=("export",),
                    own_only=("prompt_ids", "prompt-ids", "--tokenizer", "args.tokenizer", "tokenizer=None",
                              ", tokenizer)", "if tok", "tok and")),  # and sampling without a tokenizer (tok None)
-    "mixtral": Model("mixtral", "MixtralConfig", "Mixtral", "Mixtral", cache=True,
-                     tiny=dict(n_kv_head=2, multiple_of=8, n_expert=4), sibling="llama",
+    "mistral": Model("mistral", "MistralConfig", "Mistral", "Mistral", cache=True, window=True,
+                     tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5), sibling="llama"),
+    "mixtral": Model("mixtral", "MixtralConfig", "Mixtral", "Mixtral", cache=True, window=True,
+                     tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5, n_expert=4), sibling="mistral",
                      own_only=("balance", "expert_share", "active")),  # the log: aux loss, expert shares, active params
 }
 CACHED = [name for name in MODELS if TABLE[name].cache]
@@ -115,19 +118,24 @@ def test_train_config_defaults(m, monkeypatch):
 
 
 def test_fused_attention_equals_written_out(m, monkeypatch):
-    """Each query sees itself and the keys before it: the last T of T_k positions (a cache holds the rest)."""
+    """Each query sees itself and the keys before it: the last T of T_k positions (a cache holds the rest);
+    with a sliding window, the last `window` of those only."""
     generator = torch.Generator().manual_seed(0)
     for T, T_k in [(1, 1), (7, 7)] + ([(1, 7), (3, 7)] if m.cache else []):
-        q, k, v = (torch.randn(2, 3, n, 8, generator=generator, dtype=torch.float64) for n in (T, T_k, T_k))
-        monkeypatch.setattr(m.module, "FUSED", True)
-        fused = m.module.attention(q, k, v)
-        monkeypatch.setattr(m.module, "FUSED", False)
-        written_out = m.module.attention(q, k, v)
-        assert torch.allclose(fused, written_out, atol=1e-12)
-        for i in range(T):
-            seen = T_k - T + i + 1
-            scores = q[..., i : i + 1, :] @ k[..., :seen, :].transpose(-2, -1) / math.sqrt(8)
-            assert torch.allclose(written_out[..., i : i + 1, :], scores.softmax(-1) @ v[..., :seen, :], atol=1e-12)
+        for window in [1, 3, 7, 100] if m.window else [math.inf]:
+            q, k, v = (torch.randn(2, 3, n, 8, generator=generator, dtype=torch.float64) for n in (T, T_k, T_k))
+            args = (q, k, v, window) if m.window else (q, k, v)
+            monkeypatch.setattr(m.module, "FUSED", True)
+            fused = m.module.attention(*args)
+            monkeypatch.setattr(m.module, "FUSED", False)
+            written_out = m.module.attention(*args)
+            assert torch.allclose(fused, written_out, atol=1e-12)
+            for i in range(T):
+                seen = T_k - T + i + 1
+                first = max(0, seen - window)
+                scores = q[..., i : i + 1, :] @ k[..., first:seen, :].transpose(-2, -1) / math.sqrt(8)
+                expected = scores.softmax(-1) @ v[..., first:seen, :]
+                assert torch.allclose(written_out[..., i : i + 1, :], expected, atol=1e-12)
 
 
 def test_model_with_fused_kernels_equals_written_out(m, monkeypatch):
@@ -163,8 +171,11 @@ def test_forward_shapes_and_initial_loss(m):
     assert logits.shape == (3, 8, 100) and loss is None
     _, loss = model(idx, targets=torch.randint(0, 100, (3, 8)))
     assert abs(loss.item() - math.log(100)) < 0.1  # at init, close to uniform over the vocabulary
-    with pytest.raises(ValueError):
-        model(torch.zeros(1, 9, dtype=torch.long))
+    if m.window:  # defined on any length: block_size is the training context only
+        assert model(torch.zeros(1, 9, dtype=torch.long))[0].shape == (1, 9, 100)
+    else:
+        with pytest.raises(ValueError):
+            model(torch.zeros(1, 9, dtype=torch.long))
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -183,11 +194,12 @@ def test_changing_a_future_token_never_changes_earlier_logits(m, fused, monkeypa
 
 def small_configs(m):
     return st.builds(
-        lambda n_layer, n_kv_head, group, half_head, block_size, vocab_size: m.config(
+        lambda n_layer, n_kv_head, group, half_head, block_size, vocab_size, sliding_window: m.config(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_kv_head * group,
-            n_kv_head=n_kv_head, n_embd=n_kv_head * group * 2 * half_head, multiple_of=4),
+            n_kv_head=n_kv_head, n_embd=n_kv_head * group * 2 * half_head, multiple_of=4,
+            sliding_window=sliding_window),
         n_layer=st.integers(1, 3), n_kv_head=st.integers(1, 2), group=st.integers(1, 3), half_head=st.integers(1, 4),
-        block_size=st.integers(1, 12), vocab_size=st.integers(2, 60))
+        block_size=st.integers(1, 12), vocab_size=st.integers(2, 60), sliding_window=st.integers(1, 12))
 
 
 def token_lists(data, vocab_size, length, batch):
@@ -199,10 +211,12 @@ def token_lists(data, vocab_size, length, batch):
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_cached_decoding_gives_the_full_forwards_logits(m, data):
-    """Prefill some tokens, then feed the rest in random chunks: float32, within 1e-5."""
+    """Prefill some tokens, then feed the rest in random chunks: float32, within 1e-5; up to 4 times
+    block_size with a sliding window, whose model and cache take any length."""
     config = data.draw(small_configs(m))
     model = randomize(getattr(m.module, m.model_class)(config), std=0.2, seed=data.draw(st.integers(0, 1000)))
-    length, batch = data.draw(st.integers(1, config.block_size)), data.draw(st.integers(1, 2))
+    length = data.draw(st.integers(1, config.block_size * (4 if m.window else 1)))
+    batch = data.draw(st.integers(1, 2))
     idx = token_lists(data, config.vocab_size, length, batch)
     cache = m.module.KVCache(config, batch, "cpu", torch.float32)
     pieces, done = [], 0
@@ -218,7 +232,8 @@ def test_cached_decoding_gives_the_full_forwards_logits(m, data):
 def test_greedy_generation_follows_the_cropped_window(m, data):
     """In float64, so that no near-tie flips a token. Each new token is the argmax of a
     full forward over the last block_size tokens, also past the context; with the
-    cache (the default) and without it alike."""
+    cache (the default) and without it alike. With a sliding window (mistral), over the
+    whole text instead, uncropped: the rolling cache is never re-filled."""
     config = data.draw(small_configs(m))
     model = randomize(getattr(m.module, m.model_class)(config).double(), std=0.5, seed=data.draw(st.integers(0, 99)))
     prompt_length = data.draw(st.integers(1, 2 * config.block_size))
@@ -227,7 +242,7 @@ def test_greedy_generation_follows_the_cropped_window(m, data):
     out = model.generate(prompt, new_tokens, temperature=0)
     assert out.shape == (prompt.size(0), prompt_length + new_tokens) and torch.equal(out[:, :prompt_length], prompt)
     for t in range(prompt_length, prompt_length + new_tokens):
-        window = out[:, max(0, t - config.block_size) : t]
+        window = out[:, 0 if m.window else max(0, t - config.block_size) : t]
         assert torch.equal(out[:, t], model(window)[0][:, -1].argmax(-1))
     if m.cache:
         assert torch.equal(model.generate(prompt, new_tokens, temperature=0, use_cache=False), out)
@@ -698,16 +713,16 @@ def test_the_check_catches_an_unmirrored_change(m):
     units = top_level_units(ours)[0]
     name = next(n.name for n in ast.parse(sibling).body
                 if isinstance(n, ast.FunctionDef) and units.get(n.name, ("",))[0] == "Training")
-    hidden = [("x = 2", f"x = {word}") for word in m.sibling_only[:1]]  # a change hidden behind a feature
-    for our_line, sibling_line in [(None, "x = 1"), ("x = 1", None), ("x = 2", "x = 1"), *hidden]:
+    for our_line, sibling_line in [(None, "x = 1"), ("x = 1", None), ("x = 2", "x = 1")] + [
+            ("x = 2", f"x = {word}") for word in m.sibling_only[:1]]:  # a change hidden behind a feature
         problems = new_problems(edited(ours, name, our_line) if our_line else ours,
                                 edited(sibling, name, sibling_line) if sibling_line else sibling)
         assert len(problems) == 1 and problems[0].startswith(f"{name}:"), problems
     assert new_problems(our_source=edited(ours, name)) == [f"{name} (Training) is in {m.sibling}.py only"]
     extra = ours + "\n\ndef extra():\n    pass\n"
     assert new_problems(our_source=extra) == [f"extra (Command line) is in {m.name}.py only"]
-    features = [(sibling, "sibling_source", w) for w in m.sibling_only[:1]] + [(ours, "our_source", w)
-                                                                               for w in m.own_only[:1]]
+    features = [(sibling, "sibling_source", w) for w in m.sibling_only[:1]]
+    features += [(ours, "our_source", w) for w in m.own_only[:1]]
     for source, side, word in features:
         extended = edited(source, name, f"{word}()") + f"\n\ndef {word}_more():\n    pass\n"
         assert new_problems(**{side: extended}) == []
