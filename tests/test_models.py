@@ -8,6 +8,7 @@ TABLE. What only one model has is tested in its own test_<name>.py.
 """
 
 import ast
+import csv
 import difflib
 import importlib
 import io
@@ -61,7 +62,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama", "mistral", "gemma"]
+MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "gemma"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -72,6 +73,9 @@ TABLE = {
                              ", tokenizer)", "if tok", "tok and")),  # and sampling without a tokenizer (tok None)
     "mistral": Model("mistral", "MistralConfig", "Mistral", "Mistral", cache=True, window=True,
                      tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5), sibling="llama"),
+    "mixtral": Model("mixtral", "MixtralConfig", "Mixtral", "Mixtral", cache=True, window=True,
+                     tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5, n_expert=4), sibling="mistral",
+                     own_only=("balance", "expert_share", "active")),  # the log: aux loss, expert shares, active params
     "gemma": Model("gemma", "GemmaConfig", "Gemma", "Gemma", cache=True, tiny=dict(multiple_of=8), sibling="llama"),
 }
 CACHED = [name for name in MODELS if TABLE[name].cache]
@@ -423,10 +427,10 @@ def test_a_time_budget_replaces_max_iters_and_resume_continues_its_clock(m, corp
     monkeypatch.setattr(m.module, "time", SimpleNamespace(time=count(0, 1).__next__))  # 1 s a call
     argv = train_args(corpus, tmp_path, "--max-iters", 3, "--max-time", "60s", "--eval-interval", 100)
     assert main(m, capsys, *argv)[0] == 0
-    saved, rows = checkpoint(tmp_path), (tmp_path / "log.csv").read_text().splitlines()
-    assert saved["step"] > 3 and 60 < saved["elapsed"] < 70 and float(rows[-1].split(",")[-1]) > 60
+    saved, last = checkpoint(tmp_path), list(csv.DictReader((tmp_path / "log.csv").open()))[-1]
+    assert saved["step"] > 3 and 60 < saved["elapsed"] < 70 and float(last["elapsed_s"]) > 60
     lr_floor = m.module.TrainConfig().lr / 10
-    assert float(rows[-1].split(",")[1]) == pytest.approx(lr_floor, rel=0.02)  # the last step's rate
+    assert float(last["lr"]) == pytest.approx(lr_floor, rel=0.02)  # the last step's rate
     code, out, _ = main(m, capsys, *argv, "--resume")
     assert code == 0 and checkpoint(tmp_path)["step"] == saved["step"] and f"at step {saved['step']}" in out
 

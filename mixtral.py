@@ -1,0 +1,941 @@
+"""
+Mixtral from scratch: the model, its data, training, sampling and command line in one file.
+
+Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is Mistral (mistral.py) with each block's MLP
+replaced by a sparse mixture of experts (Shazeer et al., 2017; Fedus et al., 2022, "Switch Transformers"):
+
+  - n_expert SwiGLU MLPs per block, the experts, and a router, Linear(n_embd, n_expert), scoring them.
+  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8), their outputs weighted
+    by a softmax over those scores: the parameters of n_expert MLPs, the compute of n_expert_per_token.
+  - A load-balancing loss (Switch Transformer's) against a router that sends most tokens to a few experts.
+
+The default, 8 experts of half LLaMA's MLP width, top 2: 15.71M parameters, 5.98M active per token
+(mistral.py: 5.96M, the same compute).
+
+    python mixtral.py train                  # tokenizer, encoded corpus, then training
+    python mixtral.py sample --prompt "Мой дядя"
+
+Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
+`--init-from DIR` reads Hugging Face's Mixtral folders (see `--prompt-ids`, `--tokenizer`).
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import bpe
+
+MODEL = "mixtral"  # stored in every checkpoint; checkpoints of other models are refused
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def arg(default, help, **metadata):
+    """A config field; its command-line flag takes this help (and type, if given)."""
+    return field(default=default, metadata=dict(help=help, **metadata))
+
+
+def check(ok, message):
+    """A user's mistake ends here, as one sentence: ValueError(message) unless ok."""
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class MixtralConfig:
+    """The shape of the network. Mixtral 8x7B is MixtralConfig(32000, 32768, 32, 32, 4096, 0.0, 1e-5, 8, 1e6,
+    mlp_hidden=14336, sliding_window=32768, n_expert=8, n_expert_per_token=2, router_aux_loss_coef=0.02)."""
+
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE tokenizer gets this size)")
+    block_size: int = arg(256, "training context: the tokens of each training window (the model takes any length)")
+    n_layer: int = arg(6, "Transformer blocks")
+    n_head: int = arg(8, "attention heads per block")
+    n_embd: int = arg(256, "width of the residual stream; each head gets n_embd // n_head")
+    dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
+    norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
+    n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query heads (1: multi-query)")
+    rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns ~1 / rope_theta per position")
+    multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
+    mlp_hidden: int | None = arg(None, "each expert's hidden width (None: LLaMA's MLP width / n_expert_per_token)")
+    tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the head, as GPT-2")
+    sliding_window: int = arg(64, "attention's reach: each query sees the last sliding_window keys, its own included")
+    n_expert: int = arg(8, "experts, SwiGLU MLPs of mlp_hidden each, in every block")
+    n_expert_per_token: int = arg(2, "experts each token goes to (top-k): the active ones")
+    router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss in the training loss (0: none)")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "multiple_of",
+                     "sliding_window", "n_expert", "n_expert_per_token"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check(self.n_embd // self.n_head % 2 == 0, "the head size n_embd // n_head must be even: RoPE turns pairs")
+        check(self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        check(self.rope_theta > 1, f"rope_theta must be greater than 1, got {self.rope_theta}")
+        if self.mlp_hidden is None:  # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2
+            self.mlp_hidden = self.multiple_of * math.ceil(int(8 * self.n_embd / 3) / self.multiple_of)
+            self.mlp_hidden //= self.n_expert_per_token  # a token's experts cost LLaMA's MLP, the active parameters
+        value = self.mlp_hidden
+        check(isinstance(value, int) and value >= 1, f"mlp_hidden must be a positive integer, got {value!r}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        check(self.n_expert_per_token <= self.n_expert, f"n_expert_per_token must be <= n_expert ({self.n_expert})")
+        check(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+FUSED = True  # the fused SiLU and attention kernels; the tests switch them off to check they equal ours
+
+
+def silu(x):
+    """SiLU (Elfwing et al., 2017), or Swish (Ramachandran et al., 2017): x * sigmoid(x), SwiGLU's gate."""
+    return x * torch.sigmoid(x)
+
+
+class RMSNorm(nn.Module):
+    """Root mean square normalisation (Zhang and Sennrich, 2019): LayerNorm without re-centring or bias."""
+
+    def __init__(self, n_embd, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x):  # in float32 even under bfloat16 autocast, as Hugging Face's LLaMA: a mean of squares
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns its feature
+    pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m, then back by n, is turning
+    by m - n: the score q_m . k_n depends on m - n only, and nothing is learned. Computed for the positions
+    asked, as far as the text goes: no table of block_size rows."""
+
+    def __init__(self, config):
+        super().__init__()
+        head_size = config.n_embd // config.n_head
+        inv_freq = config.rope_theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs / 2,)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # not persistent: no checkpoint needs it
+
+    def forward(self, start, T):  # cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1
+        positions = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)  # exact to 2^24
+        angles = positions[:, None] * self.inv_freq.float()  # (T, hs / 2): in float32 whatever the model's dtype
+        angles = torch.cat([angles, angles], dim=-1)  # (T, head_size): features i and i + hs / 2 pair up
+        return angles.cos().to(self.inv_freq.dtype), angles.sin().to(self.inv_freq.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin, x2 cos + x1 sin). Which
+    features pair up is a convention; the two are one model, up to the order of each head's rows in q_proj and
+    k_proj (evens, then odds: how Hugging Face's conversion script turns Meta's weights into theirs).
+        Meta's code:          (x0 x1) (x2 x3) (x4 x5) (x6 x7)   neighbours, as complex numbers
+        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, x1 with x5, ..."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, heads, T, head_size / 2)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, heads, T, head_size)
+
+
+# The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for sliding_window = W (its
+# masking_utils keeps key j for query i where j > i - W, and j <= i): query i sees the keys i - W < j <= i,
+# W of them, its own included. Stacked layers reach further: layer 1's output at j already mixes the tokens
+# back to j - (W - 1), so layer 2's at i mixes those back to i - 2 (W - 1), and the last layer's logits see
+# n_layer * (W - 1) positions back, as a deep CNN's receptive field grows with depth.
+
+
+def attention(q, k, v, window, dropout_p=0.0):
+    """Masked scaled dot-product attention, softmax(q k^T / sqrt(head_size)) v, for the
+    queries q (B, n_head, T, head_size) of the last T of the T_k positions whose keys and
+    values k, v (B, n_head, T_k, head_size) hold: query i, at T_k - T + i, sees the last
+    `window` keys up to its own, T_k - T + i - window < j <= T_k - T + i."""
+    T, T_k = q.size(-2), k.size(-2)
+    if FUSED and T in (1, T_k) and T_k <= window:  # the window cuts nothing: the causal mask, or none for one token
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)  # (T, T_k)
+    band = causal.triu(diagonal=T_k - T - window + 1)  # (T, T_k): and within the window
+    if FUSED:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p)
+    att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_k)
+    att = F.softmax(att.masked_fill(~band, float("-inf")), dim=-1)
+    att = F.dropout(att, dropout_p)  # GPT-2's attention dropout: on the weights
+    return att @ v  # (B, n_head, T, head_size)
+
+
+class KVCache:
+    """Mistral's rolling buffer: the keys and values of the last W = sliding_window tokens, per layer, of the shared
+    heads only, in buffers (B, n_kv_head, W, head_size); position p goes to slot p % W, over position p - W, which
+    has left every later query's window. O(W) memory at any length. The next tokens are at positions pos, ..."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_kv_head, config.sliding_window, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos, self.window = 0, config.sliding_window
+
+    def update(self, layer, k, v):
+        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions pos, ..., pos + T - 1 and return the keys
+        and values they attend to (B, n_kv_head, T_k, head_size); Mixtral.forward advances pos once every layer has
+        stored. One token: the buffer itself, in slot order (one query's softmax ignores order). A chunk: the
+        cached last W - 1 positions, then its own, in position order, for attention's mask."""
+        W, T = self.window, k.size(2)
+        if T == 1:  # decoding: the ring as it is, min(pos + 1, W) slots, all in the window
+            self.k[layer][:, :, self.pos % W], self.v[layer][:, :, self.pos % W] = k[:, :, 0], v[:, :, 0]
+            return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
+        kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W  # slots, oldest first
+        k_all = torch.cat([self.k[layer][:, :, kept], k], dim=2)  # (B, n_kv_head, T_k, head_size)
+        v_all = torch.cat([self.v[layer][:, :, kept], v], dim=2)  # (B, n_kv_head, T_k, head_size)
+        slots = torch.arange(self.pos, self.pos + T, device=k.device)[-W:] % W  # the chunk's last W positions
+        self.k[layer][:, :, slots], self.v[layer][:, :, slots] = k[:, :, -W:], v[:, :, -W:]
+        return k_all, v_all
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of n_head / n_kv_head query heads
+    shares a key and value head (n_kv_head = n_head: GPT-2's multi-head; 1: multi-query), turned by RoPE."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.dropout = config.n_head, config.n_kv_head, config.dropout
+        self.window = config.sliding_window
+        self.layer = layer  # which layer of a KVCache is ours
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * (config.n_embd // config.n_head), bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * (config.n_embd // config.n_head), bias=False)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # joined heads -> residual stream
+        self.o_proj.residual_projection = True  # GPT-2's scaled init: see Mixtral._init_weights
+
+    def forward(self, x, rope, kv_cache=None):
+        B, T, C = x.size()  # batch, tokens, n_embd
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, head_size)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, head_size)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # turned by their positions; v is not
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, n_kv_head, T_k, head_size): cached + new
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
+        y = attention(q, k, v, self.window, self.dropout if self.training else 0.0)  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side
+        return F.dropout(self.o_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    """One expert: LLaMA's SwiGLU (Shazeer, 2020), w2(silu(w1(x)) * w3(x)), in Mixtral's names: w1 gate, w3 up."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.w3 = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.w2 = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.w2.residual_projection = True  # GPT-2's scaled init: see Mixtral._init_weights
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        gate = self.w1(x)  # (tokens, mlp_hidden)
+        gate = F.silu(gate) if FUSED else silu(gate)  # how much of w3(x) passes, feature by feature
+        return F.dropout(self.w2(gate * self.w3(x)), self.dropout, self.training)  # (tokens, n_embd)
+
+
+def dispatch(x, chosen, weights, experts):
+    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen and weights (N, k) ->
+    (N, n_embd). The (token, expert) pairs sorted by expert, each expert runs once, on its own tokens: N * k
+    products, not N * n_expert. Dropless: Switch Transformer gives each expert capacity_factor * N * k /
+    n_expert slots (one matmul shape on TPUs) and drops the tokens past them, to the residual stream only."""
+    k = chosen.size(1)
+    order = chosen.flatten().argsort(stable=True)  # (N * k,): the pairs, grouped by expert
+    tokens = order // k  # (N * k,): each pair's token
+    counts = chosen.flatten().bincount(minlength=len(experts)).tolist()  # pairs per expert (a sync with the device)
+    inputs = x.index_select(0, tokens).split(counts)  # each expert's tokens, (count, n_embd); some maybe none
+    out = torch.cat([expert(part) for expert, part in zip(experts, inputs)])  # (N * k, n_embd)
+    out = out * weights.flatten()[order, None]  # weighted by the router
+    return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))  # (N, n_embd): each token's k summed
+
+
+class SparseMoE(nn.Module):
+    """The sparse mixture of experts in the MLP's place: each token goes to the n_expert_per_token experts the
+    router scores best (transformers' softmax over all, renormalised over the chosen, gives the same weights)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_expert_per_token = config.n_expert_per_token
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)  # the router
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
+
+    def forward(self, x):
+        """x (B, T, n_embd) -> the experts' mix (B, T, n_embd), and the router logits (B * T, n_expert)."""
+        B, T, C = x.size()
+        x = x.view(B * T, C)  # (B * T, n_embd): each token routed on its own
+        with torch.autocast(x.device.type, enabled=False):  # float32 under autocast, for a stable routing:
+            router_logits = self.gate(x)  # (B * T, n_expert)     Switch Transformer's "selective precision"
+        scores, chosen = router_logits.topk(self.n_expert_per_token, dim=-1)  # (B * T, k) each
+        weights = F.softmax(scores, dim=-1)  # (B * T, k): over the chosen experts only
+        return dispatch(x, chosen, weights, self.experts).view(B, T, C), router_logits
+
+
+def load_balancing_loss(router_logits, k):
+    """Switch Transformer's auxiliary loss (Fedus et al., 2022, eqs. 4-6) as transformers' Mixtral computes it:
+    n_expert * sum_i f_i * P_i over all layers' tokens together, f_i the fraction of tokens with expert i in
+    their top k, P_i its mean router probability; k when even. Pooled, layers collapsed onto different experts
+    look even (Switch Transformer's is per layer). router_logits (n_layer, N, n_expert) -> the loss, and each
+    layer's expert shares f_i / k (n_layer, n_expert)."""
+    n_layer, N, n_expert = router_logits.size()
+    probs = F.softmax(router_logits, dim=-1)  # (n_layer, N, n_expert)
+    counts = F.one_hot(probs.topk(k, dim=-1).indices, n_expert).sum(dim=(1, 2)).to(probs.dtype)  # (n_layer, n_expert)
+    if dist.is_initialized():  # under DDP, f of all processes' tokens: the gradients DDP averages are one batch's
+        dist.all_reduce(counts)
+        N *= dist.get_world_size()
+    f = counts.sum(dim=0) / (n_layer * N)  # (n_expert,): sums to k; no gradient flows through it
+    return n_expert * (f * probs.mean(dim=(0, 1))).sum(), counts / (N * k)
+
+
+class Block(nn.Module):
+    """One Transformer layer, Pre-norm as GPT-2's: x + Attn(RMSNorm(x)), then x + MoE(RMSNorm(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = CausalSelfAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.block_sparse_moe = SparseMoE(config)
+
+    def forward(self, x, rope, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache)  # (B, T, n_embd)
+        moe, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + moe, router_logits  # (B, T, n_embd), (B * T, n_expert)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0 (and near 0), else
+    drawn by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
+    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or top_p out of range."""
+    check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
+    check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits - logits.max(dim=-1, keepdim=True).values  # the likeliest at 0: near 0, the others go to -inf
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)  # not NaN: a float32 of 1e-39 would be 0
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # those before hold top_p; the first stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
+    return torch.multinomial(probs, num_samples=1)
+
+
+class Mixtral(nn.Module):
+    """The language model: a token embedding, n_layer blocks, a final RMSNorm, and a head that turns
+    each position's vector into logits over the next token. Positions enter only as RoPE's turns."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            rotary_emb=RotaryEmbedding(config),  # no weights: the angles of each position
+            layers=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # as GPT-2; Mistral's head is apart: vocab_size * n_embd parameters, little at 7B
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual projections, as the
+        stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's init leave that scaling out)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if hasattr(module, "residual_projection") else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, active=False):
+        """Parameters to train (the tied head and token embedding count once), or those one token uses
+        (active): n_expert_per_token of each layer's n_expert experts."""
+        config = self.config
+        idle = config.n_layer * (config.n_expert - config.n_expert_per_token) * 3 * config.n_embd * config.mlp_hidden
+        return sum(p.numel() for p in self.parameters()) - (idle if active else 0)
+
+    def balance(self):
+        """The last forward's aux_loss, smallest and largest expert share in any layer (1 / n_expert: even), (3,)."""
+        return torch.stack([self.aux_loss.detach(), self.expert_share.min(), self.expert_share.max()])
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """Mixtral from a Hugging Face folder: see "Pretrained weights" below."""
+        return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), T of any length, and, given targets (B, T), the
+        mean cross-entropy + router_aux_loss_coef * aux_loss (else None); keeps this forward's aux_loss, unscaled,
+        and expert_share. With a kv_cache, idx are the tokens after the cached ones, at positions kv_cache.pos, ..."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        rope = self.model.rotary_emb(start, T)  # cos, sin (T, head_size): the turns of positions start, ...
+        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        x = F.dropout(x, self.config.dropout, self.training)
+        routing = []  # each layer's router logits (B * T, n_expert)
+        for block in self.model.layers:
+            x, router_logits = block(x, rope, kv_cache)  # (B, T, n_embd), (B * T, n_expert)
+            routing.append(router_logits)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        self.aux_loss, self.expert_share = load_balancing_loss(torch.stack(routing), self.config.n_expert_per_token)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab_size)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + \
+            self.config.router_aux_loss_coef * self.aux_loss
+        return logits, loss
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], dim=1)
+
+    @torch.inference_mode()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each step runs
+        the whole text so far, uncropped; with it, the first runs the prompt in chunks of sliding_window
+        tokens (chunked prefill), the others one token each.
+
+        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the cropped window at
+        each step: there a query sees every token before it, so cropping the oldest changes every key and
+        value from the second layer on. Here a query never sees further back than sliding_window, and
+        RoPE's scores depend on distances only: a key or value, once computed, stays the full forward's
+        at any length, and the rolling cache computes exactly the uncropped model.
+        """
+        check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
+        B, T = idx.size()
+        check(T > 0, "generation needs at least one token to start from")
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        tokens[:, :T] = idx
+        kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        W = self.config.sliding_window
+        for t in range(T, T + max_new_tokens):  # t: tokens so far
+            if kv_cache is None:
+                logits, _ = self(tokens[:, :t])  # (B, t, vocab_size): the whole text, uncropped
+            else:  # the tokens not cached yet, W at a time: the prompt in chunks, then one per step
+                for start in range(kv_cache.pos, t, W):
+                    logits, _ = self(tokens[:, start : min(start + W, t)], kv_cache=kv_cache)  # (B, <= W, vocab_size)
+            tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
+            yield tokens[:, t : t + 1]
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_tokens(path):
+    """A .bin file of bpe.prepare_corpus as a 1-D uint16 tensor, 2 bytes a token."""
+    return torch.from_file(str(path), dtype=torch.uint16, size=Path(path).stat().st_size // 2)
+
+
+def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
+    """Random windows: inputs x (B, block_size) and targets y, x shifted one token ahead.
+    Every process draws all processes' starts and keeps its share: one generator state."""
+    starts = torch.randint(len(tokens) - block_size, (world_size * batch_size,), generator=generator)
+    window = tokens[starts[rank * batch_size : (rank + 1) * batch_size, None] + torch.arange(block_size + 1)].long()
+    return window[:, :-1], window[:, 1:]
+
+
+def sequential_batches(tokens, batch_size, block_size):
+    """(x, y) as get_batch's, predicting every token once, in order: windows overlapping by one."""
+    n_full = (len(tokens) - 1) // block_size
+    x, y = (tokens[i : i + n_full * block_size].long().view(n_full, block_size) for i in (0, 1))
+    for first in range(0, n_full, batch_size):
+        yield x[first : first + batch_size], y[first : first + batch_size]
+    rest = tokens[n_full * block_size :].long()
+    if len(rest) > 1:
+        yield rest[None, :-1], rest[None, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def duration(text):
+    """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
+    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]] if text[-1:] in ("s", "m", "h") else float(text)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, optimisation, schedule, bookkeeping."""
+
+    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
+    out_dir: str = arg(f"checkpoints/{MODEL}", "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+    batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
+    lr: float = arg(3e-3, "peak learning rate, reached at the end of warmup")
+    warmup_iters: int = arg(200, "steps of linear warmup")
+    max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
+    weight_decay: float = arg(0.1, "AdamW's decoupled weight decay, on weight matrices only")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    eval_interval: int = arg(100, "steps between evaluations and checkpoints")
+    eval_iters: int = arg(10, "batches per split in each evaluation")
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h (see get_lr)", type=duration)
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, else cpu)")
+    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where the hardware has it)")
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(False, "continue the run in out_dir")
+    init_from: str | None = arg(None, "a Hugging Face Mixtral folder to start from, instead of random weights")
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas (0.9, 0.95), decaying
+    only the weight matrices: pulling biases and norm gains to zero fights their purpose."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+
+
+def get_lr(step, cfg, elapsed=0.0):
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
+    Under a time budget (cfg.max_time) the clock stands in for the steps, rather than a step count guessed from
+    a measured rate: after `elapsed` seconds, elapsed / max_time of max_iters; the floor comes as time runs out."""
+    step = elapsed / cfg.max_time * cfg.max_iters if cfg.max_time else step
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))  # 0 -> 1
+    return cfg.lr / 10 + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr / 10)
+
+
+def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank=0, world_size=1):
+    """One optimizer step on a random batch (under DDP, backward() averages over processes)."""
+    x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+    with autocast:
+        _, loss = model(x.to(device), y.to(device))
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the targets'
+    text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves model training."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
+    for x, y in batches:
+        with autocast:
+            logits, _ = model(x.to(device))
+        y = y.to(device)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        totals[1] += y.numel()
+        totals[2] += char_counts[y].sum()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    nats, n_tokens, n_chars = totals.tolist()
+    return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
+
+
+def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0):
+    """All it takes to continue exactly (seconds trained too, for a time budget), the config as
+    a plain dict, the tokenizer's fingerprint; written beside, then renamed over: old or new."""
+    rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}  # dropout's and the batches'
+    checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
+                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, "elapsed": elapsed}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """The run at path (ckpt.pt, tokenizer.json beside it): Mixtral, tokenizer, checkpoint dict.
+    Refused in one sentence if missing, unreadable, incomplete, or of another model or tokenizer."""
+    check(path.is_file(), f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    try:  # tensors and plain data only (weights_only): no code runs from the file
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, a foreign pickle, ...: each fails its own way
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}" if kind else f"{path} is no checkpoint")
+    missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
+    check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
+    tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint, f"{path} was trained with another tokenizer.json")
+    try:
+        model = Mixtral(MixtralConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["weights"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
+    check(all(p.isfinite().all() for p in model.parameters()), f"{path} holds NaN or inf weights: its run diverged")
+    return model, tok, checkpoint
+
+
+def pick_device(name, local_rank=0):
+    """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
+    kinds = ["cpu", torch.accelerator.current_accelerator().type] if torch.accelerator.is_available() else ["cpu"]
+    name = kinds[-1] if name == "auto" else name
+    check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+def train(config, cfg):
+    """Train a Mixtral of shape `config` on cfg.data into cfg.out_dir; return the model. Under
+    torchrun: one process per device, joined by DistributedDataParallel (DDP)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    log = print if rank == 0 else lambda *args: None
+    out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
+    check(cfg.resume or not ckpt_path.exists(), f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
+        dist.barrier()
+    vocab_size = None if (out_dir / "tokenizer.json").exists() else config.vocab_size  # a tokenizer there stays
+    tok, *paths = bpe.prepare_corpus(cfg.data, out_dir, vocab_size, log=log)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(paths[0]), "val": load_tokens(paths[1])}
+    config = config if cfg.init_from else replace(config, vocab_size=tok.vocab_size)  # a tiny text stops BPE early
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size, f"the {split} split has {len(tokens)} tokens, too few for a window")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = Mixtral(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    batch_generator, step, past = torch.Generator().manual_seed(cfg.seed), 0, 0.0  # past: seconds trained before
+    if checkpoint:
+        check(checkpoint["config"] == asdict(config), f"{ckpt_path} has another shape: give the same flags to resume")
+        model.load_state_dict(checkpoint["weights"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        batch_generator.set_state(checkpoint["rng"]["batches"])
+        step, past = checkpoint["step"], checkpoint.get("elapsed", 0.0)
+        log(f"resuming from {ckpt_path} at step {step}")
+    elif cfg.init_from:  # fine-tuning: start from the released weights
+        load_pretrained_weights(model, cfg.init_from)
+    if not checkpoint and rank == 0:
+        csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s,aux_loss,"
+                            "min_expert_share,max_expert_share\n")
+    cpu = torch.cpu.get_capabilities()  # auto: bfloat16 matmuls where the hardware has them (CUDA, AVX512-BF16, AMX)
+    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
+        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
+    bfloat16 = cfg.dtype == "bfloat16" or cfg.dtype == "auto" and native  # float32's range: no loss scaling
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)  # the rest stays float32
+    trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain Mixtral
+    if world_size > 1:
+        trained = DistributedDataParallel(trained)
+    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {model.num_params(active=True) / 1e6:.2f}M active "
+        f"per token, {config}\ntokens: {len(splits['train']):,} train, "
+        f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
+    char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
+
+    stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
+    def request_stop(*signal_args):
+        if stop:
+            signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
+        stop.append(True)
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    start, first_step, stopping = time.time(), step, past >= (cfg.max_time or math.inf)  # a budget spent
+    try:
+        while (cfg.max_time or step < cfg.max_iters) and not stopping:
+            lr = get_lr(step, cfg, past + time.time() - start)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            loss = train_step(trained, optimizer, splits["train"], cfg, config, batch_generator, device, autocast,
+                              rank, world_size)
+            balance = model.balance()  # this step's aux loss, smallest and largest expert share
+            step, elapsed = step + 1, past + time.time() - start
+            tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
+            stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
+            status = torch.tensor([stopping, loss.item() / world_size], device=device)
+            if world_size > 1:  # one process's stop or NaN stops all: the rest would wait for its gradients forever
+                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays
+            (stopping, loss), diverged = status.tolist(), f"the loss is not finite at step {step}: try a lower --lr"
+            check(math.isfinite(loss), diverged)  # from NaN or inf there is no way back; the last checkpoint stays
+            if step == first_step + 1 or step % 10 == 0:
+                log(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+                    f"balance: aux loss {balance[0]:.3f}, expert shares {balance[1]:.1%} to {balance[2]:.1%}")
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:  # evaluate, log, save
+                row = [step, lr]
+                for tokens in splits.values():  # the same batches each time, so that the numbers compare
+                    generator = torch.Generator().manual_seed(cfg.seed + 1)
+                    batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
+                               for _ in range(cfg.eval_iters))
+                    row += evaluate(trained, batches, char_counts, device, autocast)
+                per_step = (elapsed - past) / (step - first_step)  # seconds, in this process
+                eta = cfg.max_time - elapsed if cfg.max_time else (cfg.max_iters - step) * per_step
+                log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
+                    f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
+                    f"ETA {timedelta(seconds=round(max(0, eta)))}")
+                check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
+                if rank == 0:
+                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed)
+                    with open(csv_path, "a", newline="", encoding="utf-8") as f:
+                        csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)] + balance.tolist())
+        log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
+            f"done: {ckpt_path} is at step {step}")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if world_size > 1:
+            dist.destroy_process_group()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def load_trained(out_dir, device, init_from=None, tokenizer=None):
+    """The model and tokenizer of the run in out_dir, or of the Hugging Face folder init_from."""
+    check(init_from or not tokenizer, "--tokenizer goes with --init-from: a run's own tokenizer is in --out-dir")
+    if init_from:
+        model, tok = Mixtral.from_pretrained(init_from), pretrained_tokenizer(init_from, tokenizer)
+    else:
+        model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
+    return model.to(device).eval(), tok
+
+
+def cmd_sample(args):
+    """`sample`: stream generated text to stdout, the speed to stderr."""
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
+    check(tok or args.prompt_ids, "this model has no tokenizer: give --prompt-ids 1 2 3, or --tokenizer FILE")
+    check(not args.prompt_ids or not (args.prompt or args.prompt_file), "give --prompt or --prompt-ids, not both")
+    prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
+    ids = args.prompt_ids or [tok.eot_id] + tok.encode(prompt)  # a text starts after <|endoftext|>
+    check(0 <= min(ids) <= max(ids) < model.config.vocab_size, f"--prompt-ids must be ids of the model, 0 to "
+          f"{model.config.vocab_size - 1}")
+    idx = torch.tensor([ids], device=device)
+    torch.manual_seed(args.seed)
+    n_tokens, start = 0, time.time()
+
+    def new_ids():  # the sampled ids, up to <|endoftext|>
+        nonlocal n_tokens
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.cache):
+            n_tokens, id = n_tokens + 1, token.item()  # one sync with the device per token
+            if tok and id == tok.eot_id:
+                return
+            yield id
+
+    print(prompt if not args.prompt_ids else tok.decode(ids) if tok else " ".join(map(str, ids)), end="")
+    for text in tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids()):  # text, or ids
+        print(text, end="", flush=True)
+    print()
+    print(f"{n_tokens} tokens in {time.time() - start:.2f}s", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights: Hugging Face's Mixtral in
+#
+# Hugging Face publishes Mixtral models as a folder: config.json (the shape), model.safetensors
+# or pytorch_model.bin (the weights) and a tokenizer. Our module names and nn.Linear's (out, in) layout
+# are theirs: loading is a plain copy. Their tokenizers (SentencePiece, tiktoken) are not read here:
+# such a model takes and gives token ids (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
+
+CONFIG_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "block_size",  # theirs: ours
+               "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
+               "rms_norm_eps": "norm_eps", "num_key_value_heads": "n_kv_head", "rope_theta": "rope_theta",
+               "intermediate_size": "mlp_hidden", "tie_word_embeddings": "tie_embeddings",
+               "sliding_window": "sliding_window", "num_local_experts": "n_expert",
+               "num_experts_per_tok": "n_expert_per_token", "router_aux_loss_coef": "router_aux_loss_coef"}
+SUPPORTED = {  # config.json's settings of Mixtral variants: the values mixtral.py computes, transformers' default first
+    "architectures": (["MixtralForCausalLM"],),
+    "model_type": ("mixtral",),
+    "hidden_act": ("silu",),  # SwiGLU's gate
+    "router_jitter_noise": (0.0,),  # the router's input scaled by noise in training
+}
+
+
+def config_from_pretrained(folder):
+    """The MixtralConfig of a Hugging Face Mixtral config.json; other models are refused."""
+    path = Path(folder) / "config.json"
+    check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
+    for key, computed in SUPPORTED.items():
+        check(hf.get(key, computed[0]) in computed, f"{path} sets {key} to {hf.get(key)!r}: mixtral.py computes "
+              f"{' or '.join(map(repr, computed))}")
+    for rope in (hf.get("rope_scaling"), hf.get("rope_parameters")):  # transformers' key before version 5, and since
+        check(not rope or rope.get("rope_type", rope.get("type")) in (None, "default"),
+              f"{path} asks for RoPE scaling ({rope}), which mixtral.py does not compute")
+    hf = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 1e6,  # transformers' defaults,
+          "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001,
+          "num_key_value_heads": hf.get("num_attention_heads"), **hf, **(hf.get("rope_parameters") or {})}  # and 5's
+    check(CONFIG_KEYS.keys() <= hf.keys(), f"{path} lacks {', '.join(sorted(CONFIG_KEYS.keys() - hf.keys()))}")
+    if hf["sliding_window"] is None:  # no window (Mistral 7B v0.2 on): the same model as a window of all positions
+        hf["sliding_window"] = hf["max_position_embeddings"]
+    try:
+        config = MixtralConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    check(hf.get("head_dim") in (None, config.n_embd // config.n_head), f"{path} sets head_dim to {hf['head_dim']}: "
+          "mixtral.py's is hidden_size / num_attention_heads")
+    return config
+
+
+def load_pretrained_weights(model, folder):
+    """Copy a Hugging Face Mixtral folder's weights into `model`, a Mixtral of its shape: the same names,
+    a tied head perhaps stored once; RoPE's frequencies, which older transformers saved, left out."""
+    path = Path(folder) / "model.safetensors"
+    path = path if path.is_file() else path.with_name("pytorch_model.bin")
+    check(path.is_file(), f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
+    try:  # .bin: tensors and plain data only (weights_only), no code run from the file
+        weights = safetensors.torch.load_file(path) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, foreign, ...: each fails its own way
+        raise ValueError(f"{path} is corrupt: it cannot be read") from None
+    check(isinstance(weights, dict), f"{path} holds no state dict of weights")
+    ours = {name: weight for name, weight in weights.items() if not name.endswith("rotary_emb.inv_freq")}
+    if model.config.tie_embeddings and "model.embed_tokens.weight" in ours:
+        ours["lm_head.weight"] = ours["model.embed_tokens.weight"]  # tied
+    try:
+        model.load_state_dict(ours)  # copies, converting float16 / bfloat16 to the model's float32
+    except RuntimeError as e:  # names or shapes that config.json does not make
+        raise ValueError(f"{folder}'s weights do not fit Mixtral as its config.json describes it: {e}") from None
+    return model
+
+
+def pretrained_tokenizer(folder, path):
+    """The bpe.py tokenizer.json at path (--tokenizer) whose ids the Mixtral in folder knows; None without one."""
+    if path is None:
+        return None
+    tok, vocab_size = bpe.Tokenizer.load(path), config_from_pretrained(folder).vocab_size
+    check(tok.vocab_size <= vocab_size, f"{path} has {tok.vocab_size} tokens, more than {folder}'s model's "
+          f"{vocab_size}: the tokenizer and the weights do not belong together")
+    return tok
+
+
+def fine_tuning_config(folder, out_dir, dropout):
+    """`train --init-from`'s config, the folder's (with our dropout); the run's tokenizer.json is its."""
+    config, tok_path = config_from_pretrained(folder), Path(out_dir) / "tokenizer.json"
+    check(tok_path.exists(), f"train --init-from needs {tok_path}: the bpe.py tokenizer whose ids the model knows")
+    pretrained_tokenizer(folder, tok_path)
+    return replace(config, dropout=dropout)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_fields(parser, config_class, *names):
+    """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
+    for f in [f for f in fields(config_class) if not names or f.name in names]:
+        kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
+
+
+def cmd_train(args):
+    """`train`: the flags become a MixtralConfig and a TrainConfig."""
+    config = MixtralConfig(**{f.name: getattr(args, f.name) for f in fields(MixtralConfig)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.init_from:  # the pretrained model's shape replaces the flags'
+        config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
+    train(config, cfg)
+
+
+def cmd_eval(args):
+    """`eval`: loss and bits per character on the run's validation split, another corpus's, or a file."""
+    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
+    check(tok, "eval --init-from needs --tokenizer FILE: a bpe.py tokenizer.json whose ids the model knows")
+    check(args.data or args.text or not args.init_from, "eval --init-from scores --data DIR or --text FILE")
+    if args.text:
+        what, tokens = args.text, torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in .bin
+    elif args.data:  # a corpus's validation split, encoded with this tokenizer
+        what, docs = f"validation split of {args.data}", bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
+    else:  # the run's own, as train encoded it
+        what, tokens = f"validation split of {args.out_dir}", load_tokens(Path(args.out_dir) / "val.bin")
+    loss, bpc = evaluate(model, sequential_batches(tokens, args.batch_size, model.config.block_size),
+                         torch.tensor(tok.char_counts(), device=device), device)
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
+
+
+def build_parser():
+    parser = ArgumentParser(prog=f"{MODEL}.py", description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help, run, *run_fields):
+        sub = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(run=run)
+        add_fields(sub, TrainConfig, *run_fields)
+        if "init_from" in run_fields:  # sample and eval
+            sub.add_argument("--tokenizer", help="with --init-from: a bpe.py tokenizer.json whose ids the model knows")
+        return sub
+
+    add_fields(command("train", "train a model", cmd_train), MixtralConfig)
+    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed", "device")
+    sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
+    sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
+    sample.add_argument("--prompt-ids", type=int, nargs="+", help="the prompt as token ids (no tokenizer: ids out too)")
+    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
+    sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
+    sample.add_argument("--no-cache", dest="cache", action="store_false", help="generate without the KV-cache")
+    eval_args = command("eval", "loss and bits per character of a checkpoint", cmd_eval, "out_dir",
+                        "init_from", "batch_size", "device")
+    eval_args.add_argument("--data", help="score this corpus's validation split (None: the run's own)")
+    eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
+    return parser
+
+
+def main(argv=None):
+    """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
+    args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+    try:
+        args.run(args)
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
