@@ -3,7 +3,6 @@ size apart from the width, multi-query attention by default, the tied head, and
 Hugging Face's GemmaForCausalLM as the reference (loaded with --init-from).
 What every model file must do is tested in test_models.py."""
 
-import json
 import math
 import shutil
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from conftest import one_line_error, randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_llama import edit_config
 
 import bpe
 import gemma
@@ -198,13 +198,6 @@ def test_train_init_from_starts_from_the_reference(trained, corpus, tmp_path, ca
     assert (model.config.head_size, model.config.n_kv_head, model.config.rope_theta) == (12, 1, 500.0)
     assert torch.allclose(model.model.embed_tokens.weight, reference.model.embed_tokens.weight, atol=1e-6)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-
-
-def edit_config(**changes):
-    def spoil(folder):
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, **changes}))
-    return spoil
 
 
 @pytest.mark.parametrize("spoil, key", [

@@ -12,7 +12,7 @@ import torch
 from conftest import one_line_error, randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama import hf_llama
+from test_llama import edit_config, hf_llama
 
 import mistral
 from mistral import Mistral, MistralConfig
@@ -161,13 +161,6 @@ def test_greedy_text_equals_transformers_generate_past_the_window(num_key_value_
                             "--max-new-tokens", 30, "--temperature", 0, "--device", "cpu")
     expected = Mistral.from_pretrained(tmp_path).generate(prompt, 30, temperature=0)
     assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
-
-
-def edit_config(**changes):
-    def spoil(folder):
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, **changes}))
-    return spoil
 
 
 @pytest.mark.parametrize("spoil, key", [
