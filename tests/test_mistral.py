@@ -64,9 +64,10 @@ def test_a_token_reaches_n_layer_times_window_minus_one_positions(data):
 @given(data=st.data())
 def test_chunked_prefill_gives_the_full_forwards_logits(data):
     """stream() sends a long prompt through the cache in chunks of at most W tokens, then one token
-    per step; the chunks' logits are the full forward's over the prompt, within 1e-5 (float32)."""
+    per step; the chunks' logits are the full forward's over the prompt, within 1e-5. In float64: float32's
+    rounding alone reaches 1.03e-5 on some prompts, the two paths summing in another order."""
     config = random_config(data)
-    model = randomize(Mistral(config), std=0.2, seed=data.draw(st.integers(0, 99)))
+    model = randomize(Mistral(config).double(), std=0.2, seed=data.draw(st.integers(0, 99)))
     length, batch = data.draw(st.integers(1, 4 * config.block_size + 8)), data.draw(st.integers(1, 2))
     row = st.lists(st.integers(0, config.vocab_size - 1), min_size=length, max_size=length)
     prompt = torch.tensor(data.draw(st.lists(row, min_size=batch, max_size=batch)))
