@@ -291,12 +291,12 @@ def configure_optimizer(model, cfg, device):
 
 def get_lr(step, cfg, elapsed=0.0):
     """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
-    Under a time budget (cfg.max_time) the clock stands in for the steps, rather than a step count guessed from
-    a measured rate: after `elapsed` seconds, elapsed / max_time of max_iters; the floor comes as time runs out."""
-    step = elapsed / cfg.max_time * cfg.max_iters if cfg.max_time else step
+    Under a time budget (cfg.max_time) warmup still counts steps, which the optimizer needs whatever the budget,
+    and the decay follows the clock: it ends at the steps the budget allows at the rate so far, when time runs out."""
+    max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))  # 0 -> 1
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))  # 0 -> 1
     return cfg.lr / 10 + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr / 10)
 
 
@@ -333,12 +333,12 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
     return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
 
 
-def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0):
-    """All it takes to continue exactly (seconds trained too, for a time budget), the config as
+def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0, max_time=None):
+    """All it takes to continue exactly (a time budget and the seconds trained too), the config as
     a plain dict, the tokenizer's fingerprint; written beside, then renamed over: old or new."""
-    rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}  # dropout's and the batches'
     checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
-                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, "elapsed": elapsed}
+                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "elapsed": elapsed,
+                  "max_time": max_time, "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
@@ -410,6 +410,7 @@ def train(config, cfg):
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_generator.set_state(checkpoint["rng"]["batches"])
         step, past = checkpoint["step"], checkpoint.get("elapsed", 0.0)
+        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))  # its budget, unless a new one
         log(f"resuming from {ckpt_path} at step {step}")
     if not checkpoint and rank == 0:
         csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s\n")
@@ -465,7 +466,7 @@ def train(config, cfg):
                     f"ETA {timedelta(seconds=round(max(0, eta)))}")
                 check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
                 if rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed)
+                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed, cfg.max_time)
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
                         csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
         log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
@@ -573,8 +574,7 @@ def build_parser():
     sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
-    eval_args = command("eval", "loss and bits per character of a checkpoint", cmd_eval, "out_dir",
-                        "batch_size", "device")
+    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "batch_size", "device")
     eval_args.add_argument("--data", help="score this corpus's validation split (None: the run's own)")
     eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
     return parser

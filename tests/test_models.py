@@ -316,10 +316,12 @@ def test_lr_schedule_and_duration(m):
         assert lrs[10 + (max_iters - 10) // 2] == pytest.approx(0.55e-3)  # halfway down from 1e-3 to 1e-4
         assert lrs[max_iters] == lrs[-1] == pytest.approx(1e-4)
     timed = m.module.TrainConfig(lr=1e-3, warmup_iters=10, max_iters=100, max_time=50.0)  # a time budget
-    by_steps = replace(timed, max_time=None)
-    for elapsed in (0.0, 2.5, 20.0, 30.0, 49.0, 50.0, 80.0):  # the clock stands in for the steps: 2 a second
-        assert m.module.get_lr(7, timed, elapsed) == pytest.approx(m.module.get_lr(elapsed * 2, by_steps))
-    assert m.module.get_lr(0, timed, 50.0) == pytest.approx(1e-4)  # the floor as time runs out
+    for rate in (0.5, 2, 4):  # steps a second: the decay ends with the budget, at 25, 100 or 200 steps
+        by_steps = replace(timed, max_time=None, max_iters=round(50 * rate))
+        for step in (0, 5, 9, 10, 20, 24, 25, 60, 99, 100, 150, 200, 250):
+            assert m.module.get_lr(step, timed, step / rate) == pytest.approx(m.module.get_lr(step, by_steps))
+    assert m.module.get_lr(5, timed, 60.0) == pytest.approx(6e-4)  # warmup counts steps, whatever the clock
+    assert m.module.get_lr(20, timed, 50.0) == pytest.approx(1e-4)  # the floor as time runs out
     duration = m.module.duration
     assert duration("90s") == 90 and duration("30m") == 1800 and duration("1.5h") == 5400 and duration("45") == 45
     for bad in ("soon", "0m", "-5s", "1d", ""):  # not a duration, or one that TrainConfig refuses
@@ -375,7 +377,7 @@ def test_resume_continues_exactly(m, corpus, tmp_path, capsys):
     assert code == 0 and f"resuming from {tmp_path / 'split' / 'ckpt.pt'} at step 4" in out
     straight, split = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "split")
     assert straight["model"] == split["model"] == m.name and straight["step"] == split["step"] == 8
-    assert set(split) == {"model", "config", "tokenizer", "step", "weights", "optimizer", "rng", "elapsed"}
+    assert set(split) == {"model", "config", "tokenizer", "step", "weights", "optimizer", "rng", "elapsed", "max_time"}
     assert set(split["rng"]) == {"torch", "batches"}  # dropout's and the batches' generators
     assert all(torch.equal(w, split["weights"][name]) for name, w in straight["weights"].items())
     for a, b in zip(straight["optimizer"]["state"].values(), split["optimizer"]["state"].values(), strict=True):
@@ -422,17 +424,19 @@ def test_max_time_stops_cleanly(m, corpus, tmp_path, capsys, monkeypatch):
 
 
 def test_a_time_budget_replaces_max_iters_and_resume_continues_its_clock(m, corpus, tmp_path, capsys, monkeypatch):
-    """--max-time, not --max-iters, ends the run, with the schedule at its floor; the checkpoint keeps
-    the seconds trained, so a resumed run goes on with the same clock, and one whose time is spent stops."""
+    """--max-time, not --max-iters, ends the run, with the schedule at its floor; the checkpoint keeps the
+    budget and the seconds trained, so a resumed run goes on with the same clock, and one whose time is spent stops."""
     monkeypatch.setattr(m.module, "time", SimpleNamespace(time=count(0, 1).__next__))  # 1 s a call
-    argv = train_args(corpus, tmp_path, "--max-iters", 3, "--max-time", "60s", "--eval-interval", 100)
-    assert main(m, capsys, *argv)[0] == 0
+    argv = train_args(corpus, tmp_path, "--max-iters", 3, "--eval-interval", 100)
+    assert main(m, capsys, *argv, "--max-time", "60s")[0] == 0
     saved, last = checkpoint(tmp_path), list(csv.DictReader((tmp_path / "log.csv").open()))[-1]
     assert saved["step"] > 3 and 60 < saved["elapsed"] < 70 and float(last["elapsed_s"]) > 60
     lr_floor = m.module.TrainConfig().lr / 10
     assert float(last["lr"]) == pytest.approx(lr_floor, rel=0.02)  # the last step's rate
-    code, out, _ = main(m, capsys, *argv, "--resume")
+    code, out, _ = main(m, capsys, *argv, "--resume", "--max-iters", "1000")  # the checkpoint's budget: spent
     assert code == 0 and checkpoint(tmp_path)["step"] == saved["step"] and f"at step {saved['step']}" in out
+    assert main(m, capsys, *argv, "--resume", "--max-time", "90s")[0] == 0  # a larger one goes on
+    assert checkpoint(tmp_path)["step"] > saved["step"] and checkpoint(tmp_path)["max_time"] == 90
 
 
 def test_two_processes_on_gloo_train_like_one_with_the_double_batch(m, corpus, tmp_path, capsys):
