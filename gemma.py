@@ -421,7 +421,7 @@ class TrainConfig:
         for name in ("warmup_iters", "weight_decay", "grad_clip"):
             check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
+        check(self.max_time is None or 0 < self.max_time < 1e9, f"max_time must be in (0s, 1e9s), got {self.max_time}")
         check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
 
 
@@ -435,8 +435,8 @@ def configure_optimizer(model, cfg, device):
 
 def get_lr(step, cfg, elapsed=0.0):
     """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
-    Under a time budget (cfg.max_time) warmup still counts steps, which the optimizer needs whatever the budget,
-    and the decay follows the clock: it ends at the steps the budget allows at the rate so far, when time runs out."""
+    Under a time budget, warmup still counts steps and the decay ends at step / elapsed * max_time (elapsed: seconds
+    trained, > 0): the steps the budget allows at the rate so far. A budget shorter than the warmup ends in it."""
     max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters

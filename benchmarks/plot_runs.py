@@ -4,8 +4,8 @@ Validation bits per character against wall-clock minutes, one curve per run, fro
     python benchmarks/plot_runs.py checkpoints/gpt2 checkpoints/llama --out runs.png
     python benchmarks/plot_runs.py runs/lr-1e-3 runs/lr-3e-3 --title "two learning rates"
 
-A curve is labelled by its run's folder name. matplotlib is needed by this script alone
-(`pip install matplotlib`); the model files do not import it.
+A curve is labelled by its run's folder name (by the path, where two folders share a name).
+matplotlib is needed by this script alone (`pip install matplotlib`); the model files do not import it.
 """
 
 import argparse
@@ -23,7 +23,10 @@ def read_log(run_dir):
         rows = list(csv.DictReader(f))
     if not rows or not {"elapsed_s", "val_bpc"} <= rows[0].keys():
         raise ValueError(f"{path} holds no evaluation yet, or is not a run's log")
-    return [(float(row["elapsed_s"]) / 60, float(row["val_bpc"])) for row in rows]
+    try:
+        return [(float(row["elapsed_s"]) / 60, float(row["val_bpc"])) for row in rows]
+    except (TypeError, ValueError) as e:  # a cut or edited line
+        raise ValueError(f"{path}: {e}") from None
 
 
 def main(argv=None):
@@ -39,9 +42,11 @@ def main(argv=None):
     matplotlib.use("Agg")  # a file, no window
     import matplotlib.pyplot as plt
 
+    names = [Path(run).name for run in args.runs]  # the folder names, or the paths where two share one
+    labels = names if len(set(names)) == len(names) else args.runs
     try:
-        curves = {Path(run).name: read_log(run) for run in args.runs}
-    except (OSError, ValueError) as e:
+        curves = {label: read_log(run) for label, run in zip(labels, args.runs)}
+    except (OSError, ValueError) as e:  # a missing, cut or foreign log.csv
         sys.exit(f"error: {e}")
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
     for label, points in curves.items():
@@ -50,7 +55,10 @@ def main(argv=None):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(args.out)
+    try:
+        figure.savefig(args.out)
+    except OSError as e:
+        sys.exit(f"error: cannot write {args.out}: {e.strerror}")
     print(f"wrote {args.out}: {len(curves)} runs")
 
 

@@ -26,11 +26,19 @@ def test_plot_runs_draws_a_curve_per_run(tmp_path):
     result = run_script("plot_runs.py", tmp_path / "lr-1e-3", tmp_path / "lr-3e-3", "--out", tmp_path / "runs.png")
     assert result.returncode == 0 and "2 runs" in result.stdout, result.stderr
     assert (tmp_path / "runs.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "b" / "lr-1e-3").mkdir(parents=True)  # two runs of one name: labelled by their paths
+    (tmp_path / "b" / "lr-1e-3" / "log.csv").write_text((tmp_path / "lr-1e-3" / "log.csv").read_text())
+    result = run_script("plot_runs.py", tmp_path / "lr-1e-3", tmp_path / "b" / "lr-1e-3", "--out", tmp_path / "2.png")
+    assert result.returncode == 0 and "2 runs" in result.stdout, result.stderr
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "log.csv").write_text(LOG)  # a run not evaluated yet
-    for bad in (tmp_path / "nowhere", tmp_path / "fresh"):
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "log.csv").write_text(LOG + "100,0.001,2,2.5,2,abc,5000,60\n")
+    for bad in (tmp_path / "nowhere", tmp_path / "fresh", tmp_path / "cut"):
         result = run_script("plot_runs.py", bad, "--out", tmp_path / "bad.png")
         assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    result = run_script("plot_runs.py", tmp_path / "lr-1e-3", "--out", tmp_path / "no" / "such" / "folder.png")
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1
 
 
 def test_compare_models_prints_a_row_per_model():
