@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import one_line_error, randomize, run_main, train_args
+from conftest import randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama import edit_config
+from test_llama import assert_init_from_refuses, edit_config
 
 import bpe
 import gemma
@@ -211,5 +211,4 @@ def test_train_init_from_starts_from_the_reference(trained, corpus, tmp_path, ca
 def test_a_bad_init_from_folder_gives_one_line(spoil, key, tmp_path, capsys):
     hf_gemma(tmp_path)
     spoil(tmp_path)
-    code, _, err = run_main(gemma, capsys, "sample", "--init-from", tmp_path, "--prompt-ids", "1", "--device", "cpu")
-    assert one_line_error(code, err, key), err
+    assert_init_from_refuses(gemma, tmp_path, key, capsys)

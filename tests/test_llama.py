@@ -251,6 +251,12 @@ def edit_config(**changes):
     return spoil
 
 
+def assert_init_from_refuses(module, folder, key, capsys):
+    """`sample --init-from folder` ends in one line on stderr that names key, exit 1."""
+    code, _, err = run_main(module, capsys, "sample", "--init-from", folder, "--prompt-ids", "1", "--device", "cpu")
+    assert one_line_error(code, err, key), err
+
+
 def no_weights(folder):
     (folder / "model.safetensors").unlink()
 
@@ -277,9 +283,7 @@ def garbage_config(folder):
     (truncated_weights, "corrupt"),
 ])
 def test_a_bad_init_from_folder_gives_one_line(spoil, key, tmp_path, capsys):
-    folder = hf_folder(tmp_path, spoil)
-    code, _, err = run_main(llama, capsys, "sample", "--init-from", folder, "--prompt-ids", "1", "--device", "cpu")
-    assert one_line_error(code, err, key), err
+    assert_init_from_refuses(llama, hf_folder(tmp_path, spoil), key, capsys)
 
 
 NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]

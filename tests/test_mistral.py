@@ -12,7 +12,7 @@ import torch
 from conftest import one_line_error, randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama import edit_config, hf_llama
+from test_llama import assert_init_from_refuses, edit_config, hf_llama
 
 import mistral
 from mistral import Mistral, MistralConfig
@@ -174,8 +174,7 @@ def test_greedy_text_equals_transformers_generate_past_the_window(num_key_value_
 def test_a_bad_init_from_folder_gives_one_line(spoil, key, tmp_path, capsys):
     hf_mistral(tmp_path)
     spoil(tmp_path)
-    code, _, err = run_main(mistral, capsys, "sample", "--init-from", tmp_path, "--prompt-ids", "1", "--device", "cpu")
-    assert one_line_error(code, err, key), err
+    assert_init_from_refuses(mistral, tmp_path, key, capsys)
 
 
 # -----------------------------------------------------------------------------
