@@ -478,8 +478,7 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
 
 
 def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0, max_time=None):
-    """All it takes to continue exactly (a time budget and the seconds trained too), the config as
-    a plain dict, the tokenizer's fingerprint; written beside, then renamed over: old or new."""
+    """All --resume needs (config as a plain dict, the clock, the tokenizer's fingerprint), written atomically."""
     checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
                   "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "elapsed": elapsed,
                   "max_time": max_time, "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}}
@@ -522,8 +521,7 @@ def pick_device(name, local_rank=0):
 
 
 def train(config, cfg):
-    """Train a Gemma of shape `config` on cfg.data into cfg.out_dir; return the model. Under
-    torchrun: one process per device, joined by DistributedDataParallel (DDP)."""
+    """Train a Gemma of shape `config` on cfg.data into cfg.out_dir; under torchrun, one process per device (DDP)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     log = print if rank == 0 else lambda *args: None
@@ -615,6 +613,8 @@ def train(config, cfg):
                     save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed, cfg.max_time)
                     with open(csv_path, "a", newline="", encoding="utf-8") as f:
                         csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
+        if world_size > 1:
+            dist.barrier()  # every process done before the group goes: one leaving early can abort another's exit
         log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
             f"done: {ckpt_path} is at step {step}")
     finally:
