@@ -577,10 +577,10 @@ def train(config, cfg):
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start, first_step, stopping = time.time(), step, past >= (cfg.max_time or math.inf)  # a budget spent
+    start, first_step, elapsed, stopping = time.time(), step, past, past >= (cfg.max_time or math.inf)  # one spent
     try:
         while (cfg.max_time or step < cfg.max_iters) and not stopping:
-            lr = get_lr(step, cfg, past + time.time() - start)
+            lr = get_lr(step, cfg, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.time()
@@ -589,10 +589,10 @@ def train(config, cfg):
             step, elapsed = step + 1, past + time.time() - start
             tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
             stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
-            status = torch.tensor([stopping, loss.item() / world_size], device=device)
+            status = torch.tensor([stopping, loss.item() / world_size, elapsed * (rank == 0)], device=device)
             if world_size > 1:  # one process's stop or NaN stops all: the rest would wait for its gradients forever
-                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays
-            (stopping, loss), diverged = status.tolist(), f"the loss is not finite at step {step}: try a lower --lr"
+                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays; process 0's clock sets every lr
+            (stopping, loss, elapsed), diverged = status.tolist(), f"loss not finite at step {step}: try a lower --lr"
             check(math.isfinite(loss), diverged)  # from NaN or inf there is no way back; the last checkpoint stays
             if step == first_step + 1 or step % 10 == 0:
                 log(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
