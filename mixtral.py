@@ -263,8 +263,8 @@ def dispatch(x, chosen, weights, experts):
     counts = chosen.flatten().bincount(minlength=len(experts)).tolist()  # pairs per expert (a sync with the device)
     inputs = x.index_select(0, tokens).split(counts)  # each expert's tokens, (count, n_embd); some maybe none
     # Zero rows pad an expert's tokens past 64 to a multiple of 64 (MegaBlocks pads to its block size): a CPU's
-    # bfloat16 matmul (oneDNN) compiles a kernel for each new shape, ~2 ms, and the counts change at every step.
-    padded = [F.pad(part, (0, 0, 0, -len(part) % 64 * (len(part) > 64))) for part in inputs]
+    # bfloat16 matmul (oneDNN) compiles a kernel for each new shape, 2 to 4 ms, and the counts change at every step.
+    padded = [F.pad(part, (0, 0, 0, -len(part) % 64)) if len(part) > 64 else part for part in inputs]
     out = torch.cat([expert(part)[:count] for expert, part, count in zip(experts, padded, counts)])
     out = out * weights.flatten()[order, None]  # (N * k, n_embd), weighted by the router
     return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))  # (N, n_embd): each token's k summed
