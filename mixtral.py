@@ -486,7 +486,7 @@ class TrainConfig:
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
     lr: float = arg(3e-3, "peak learning rate, reached at the end of warmup")
     warmup_iters: int = arg(150, "steps of linear warmup")
-    max_iters: int = arg(700, "optimizer steps: about 30 minutes on 2 CPU cores (3,200 tokens/s)")
+    max_iters: int = arg(700, "optimizer steps: about 30 minutes on 2 CPU cores")
     weight_decay: float = arg(0.1, "AdamW's decoupled weight decay, on weight matrices only")
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
