@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +44,7 @@ def arg(default, help, **metadata):
 
 
 def check(ok, message):
-    """A user's mistake ends here, as one sentence: ValueError(message) unless ok."""
+    """Raise ValueError(message) unless ok: the one-line error that a user sees."""
     if not ok:
         raise ValueError(message)
 
@@ -53,7 +53,7 @@ def check(ok, message):
 class GPTConfig:
     """The shape of the network. GPT-1 was GPTConfig(40478, 512, 12, 12, 768, 0.1)."""
 
-    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE tokenizer gets this size)")
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE gets this size)")
     block_size: int = arg(256, "context length: the most tokens the model sees at once")
     n_layer: int = arg(6, "Transformer blocks")
     n_head: int = arg(8, "attention heads per block")
@@ -63,15 +63,18 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        check(self.n_embd % self.n_head == 0,
+              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
 
 # -----------------------------------------------------------------------------
 # Model
 
-FUSED = True  # the fused attention kernel; the tests switch it off to check it equals the written-out one
+# The fused attention kernel; the tests switch it off to check it equals the written-out one.
+FUSED = True
 
 
 def attention(q, k, v, dropout_p=0.0):
@@ -82,7 +85,8 @@ def attention(q, k, v, dropout_p=0.0):
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T)
     causal = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()  # (T, T)
     att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
-    att = F.dropout(att, dropout_p)  # GPT-1's attention dropout: on the weights
+    # GPT-1's attention dropout: on the weights.
+    att = F.dropout(att, dropout_p)
     return att @ v  # (B, n_head, T, head_size)
 
 
@@ -92,21 +96,25 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # q, k, v of all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # joined heads -> residual stream
 
     def forward(self, x):
         B, T, C = x.size()  # batch, tokens, n_embd
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_size)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_size)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, n_head, T, head_size)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, dropout)  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network: 4 * n_embd wide, ReLU (GPT-1's GELU is left to gpt2.py's diff)."""
+    """The position-wise feed-forward network: 4 * n_embd wide, ReLU (GPT-1's GELU is left
+    to gpt2.py's diff)."""
 
     def __init__(self, config):
         super().__init__()
@@ -136,23 +144,32 @@ class Block(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0 (and near 0), else
-    drawn by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
-    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or top_p out of range."""
-    check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0
+    (and near 0), else drawn by softmax(logits / temperature) among the top_k likeliest, and
+    of those the fewest that hold top_p of the probability.
+
+    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or
+    top_p out of range.
+    """
+    check(0 <= temperature < math.inf,
+          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
     check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits - logits.max(dim=-1, keepdim=True).values  # the likeliest at 0: near 0, the others go to -inf
-    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)  # not NaN: a float32 of 1e-39 would be 0
+    # The likeliest at 0, so that near temperature 0 the others go to -inf, never NaN;
+    # and a float32 temperature of 1e-39 would be 0, hence the smallest positive float.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
     if top_p is not None and top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # those before hold top_p; the first stays
+        # Drop a token once those before it hold top_p; the first always stays.
+        held_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        dropped = held_before >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
     return torch.multinomial(probs, num_samples=1)
 
@@ -170,7 +187,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-1, GPT-2): one matrix reads and predicts
+        # Weight tying (GPT-1, GPT-2): one matrix reads the tokens and predicts them.
+        self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -187,7 +205,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """Logits (B, T, vocab_size) for the token ids idx (B, T); given targets (B, T), the loss."""
         B, T = idx.size()
-        check(T <= self.config.block_size, f"{T} tokens exceed the context of {self.config.block_size}")
+        check(T <= self.config.block_size,
+              f"{T} tokens exceed the context of {self.config.block_size}")
         x = self.transformer.wte(idx) + self.transformer.wpe.weight[:T]  # (B, T, n_embd)
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
@@ -198,18 +217,20 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
         """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p)], dim=1)
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Each step runs the whole window,
-        although only its newest token is new: the cost that gpt2.py's KV-cache removes."""
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Each step runs the whole
+        window, although only its newest token is new: the cost that gpt2.py's KV-cache removes."""
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         check(idx.size(1) > 0, "generation needs at least one token to start from")
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])  # (B, T_x, vocab_size): the last window
-            idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, top_p)], dim=1)  # (B, T + 1)
-            yield idx[:, -1:]
+            logits, _ = self(idx[:, -self.config.block_size :])  # (B, T_x, vocab_size)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
+            yield next_id
 
 
 # -----------------------------------------------------------------------------
@@ -224,15 +245,19 @@ def load_tokens(path):
 def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
     """Random windows: inputs x (B, block_size) and targets y, x shifted one token ahead.
     Every process draws all processes' starts and keeps its share: one generator state."""
-    starts = torch.randint(len(tokens) - block_size, (world_size * batch_size,), generator=generator)
-    window = tokens[starts[rank * batch_size : (rank + 1) * batch_size, None] + torch.arange(block_size + 1)].long()
+    n_starts = world_size * batch_size
+    starts = torch.randint(len(tokens) - block_size, (n_starts,), generator=generator)
+    ours = starts[rank * batch_size : (rank + 1) * batch_size]  # (B,)
+    offsets = torch.arange(block_size + 1)  # (block_size + 1,)
+    window = tokens[ours[:, None] + offsets].long()  # (B, block_size + 1)
     return window[:, :-1], window[:, 1:]
 
 
 def sequential_batches(tokens, batch_size, block_size):
     """(x, y) as get_batch's, predicting every token once, in order: windows overlapping by one."""
     n_full = (len(tokens) - 1) // block_size
-    x, y = (tokens[i : i + n_full * block_size].long().view(n_full, block_size) for i in (0, 1))
+    x = tokens[: n_full * block_size].long().view(n_full, block_size)
+    y = tokens[1 : n_full * block_size + 1].long().view(n_full, block_size)
     for first in range(0, n_full, batch_size):
         yield x[first : first + batch_size], y[first : first + batch_size]
     rest = tokens[n_full * block_size :].long()
@@ -243,71 +268,98 @@ def sequential_batches(tokens, batch_size, block_size):
 # -----------------------------------------------------------------------------
 # Training
 
+# Under torchrun, this process's rank and the number of processes (DDP); else 0 and 1.
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+
 
 def duration(text):
     """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
-    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]] if text[-1:] in ("s", "m", "h") else float(text)
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
 
 
 @dataclass
 class TrainConfig:
     """How to train: data, optimisation, schedule, bookkeeping."""
 
-    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
-    out_dir: str = arg(f"checkpoints/{MODEL}", "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+    data: str = field(default_factory=bpe.default_data_dir,
+                      metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
+    out_dir: str = arg(f"checkpoints/{MODEL}",
+                       "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
-    lr: float = arg(6e-4, "peak learning rate, reached at the end of warmup (Post-LN stalls at 3e-3)")
+    lr: float = arg(3e-3, "peak learning rate, reached at the end of warmup")
     warmup_iters: int = arg(200, "steps of linear warmup")
     max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
     weight_decay: float = arg(0.1, "AdamW's decoupled weight decay, on weight matrices only")
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
     eval_iters: int = arg(10, "batches per split in each evaluation")
-    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h (see get_lr)", type=duration)
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h "
+                                 "(see get_lr)", type=duration)
     seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, else cpu)")
-    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where the hardware has it)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, "
+                      "else cpu)")
+    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where "
+                     "the hardware has it)")
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue the run in out_dir")
 
     def __post_init__(self):
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_iters", "weight_decay", "grad_clip"):
-            check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            check(value >= 0, f"{name} must not be negative, got {value}")
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(self.max_time is None or 0 < self.max_time < 1e9, f"max_time must be in (0s, 1e9s), got {self.max_time}")
-        check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+        check(self.max_time is None or 0 < self.max_time < 1e9,
+              f"max_time must be in (0s, 1e9s), got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"),
+              f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
 
 
 def configure_optimizer(model, cfg, device):
     """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas (0.9, 0.95), decaying
     only the weight matrices: pulling biases and norm gains to zero fights their purpose."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def get_lr(step, cfg, elapsed=0.0):
-    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
-    Under a time budget, warmup still counts steps and the decay ends at step / elapsed * max_time (elapsed: seconds
-    trained, > 0): the steps the budget allows at the rate so far. A budget shorter than the warmup ends in it."""
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to
+    cfg.lr / 10 at max_iters.
+
+    Under a time budget the warmup still counts steps, and the decay ends at step / elapsed *
+    max_time (elapsed: seconds trained, > 0): the steps that the budget allows at the rate so
+    far. A budget shorter than the warmup ends in it.
+    """
     max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))  # 0 -> 1
-    return cfg.lr / 10 + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr / 10)
+    decay_iters = max(1, max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_iters)  # 0 -> 1
+    min_lr = cfg.lr / 10
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank=0, world_size=1):
-    """One optimizer step on a random batch (under DDP, backward() averages over processes)."""
-    x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+def train_step(model, optimizer, x, y, grad_clip, autocast):
+    """One optimizer step on the batch x, y (B, T); under DDP, backward() averages the
+    gradients over processes. Returns the loss, on the device."""
     with autocast:
-        _, loss = model(x.to(device), y.to(device))
+        _, loss = model(x, y)
     loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -315,8 +367,9 @@ def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, a
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the targets'
-    text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves model training."""
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
+    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves
+    the model training."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
@@ -330,14 +383,36 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
     if dist.is_initialized():
         dist.all_reduce(totals)
     nats, n_tokens, n_chars = totals.tolist()
-    return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
+    bpc = nats / math.log(2) / n_chars if n_chars else float("nan")
+    return nats / n_tokens, bpc
 
 
-def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0, max_time=None):
-    """All --resume needs (config as a plain dict, the clock, the tokenizer's fingerprint), written atomically."""
-    checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
-                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "elapsed": elapsed,
-                  "max_time": max_time, "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}}
+@dataclass
+class Run:
+    """A run in training, as its checkpoint keeps it."""
+
+    model: nn.Module  # the plain model, not compiled or wrapped
+    optimizer: torch.optim.Optimizer
+    tok: bpe.Tokenizer
+    batches: torch.Generator  # draws the training batches
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, earlier sessions included
+
+
+def save_checkpoint(path, run, max_time=None):
+    """Write all that --resume needs, atomically, as plain data."""
+    rng = {"torch": torch.get_rng_state(), "batches": run.batches.get_state()}
+    checkpoint = {
+        "model": MODEL,
+        "config": asdict(run.model.config),
+        "tokenizer": run.tok.fingerprint,
+        "step": run.step,
+        "weights": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "elapsed": run.elapsed,
+        "max_time": max_time,
+        "rng": rng,
+    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
@@ -347,134 +422,224 @@ def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=
 
 def load_checkpoint(path):
     """The run at path (ckpt.pt, tokenizer.json beside it): GPT, tokenizer, checkpoint dict.
-    Refused in one sentence if missing, unreadable, incomplete, or of another model or tokenizer."""
-    check(path.is_file(), f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
-    try:  # tensors and plain data only (weights_only): no code runs from the file
+    Refused in one sentence if missing, unreadable, incomplete, or of another model or
+    tokenizer."""
+    check(path.is_file(),
+          f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    # Tensors and plain data only (weights_only): no code runs from the file.
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...: each fails its own way
+    except Exception:  # a truncated zip, a foreign pickle, ...
         raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
     kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}" if kind else f"{path} is no checkpoint")
+    check(kind, f"{path} is no checkpoint")
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}")
     missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
     check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
     tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
-    check(checkpoint["tokenizer"] == tok.fingerprint, f"{path} was trained with another tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint,
+          f"{path} was trained with another tokenizer.json")
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["weights"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
-    check(all(p.isfinite().all() for p in model.parameters()), f"{path} holds NaN or inf weights: its run diverged")
+    finite = all(p.isfinite().all() for p in model.parameters())
+    check(finite, f"{path} holds NaN or inf weights: its run diverged")
     return model, tok, checkpoint
+
+
+def restore(run, checkpoint, path):
+    """Continue run from a checkpoint of the same shape."""
+    ours = asdict(run.model.config)
+    theirs = checkpoint["config"]
+    differ = ", ".join(name for name in ours if theirs.get(name) != ours[name])
+    check(not differ, f"{path} has another shape ({differ}): give the same flags to resume")
+    run.model.load_state_dict(checkpoint["weights"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.batches.set_state(checkpoint["rng"]["batches"])
+    run.step = checkpoint["step"]
+    run.elapsed = checkpoint.get("elapsed", 0.0)
 
 
 def pick_device(name, local_rank=0):
     """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
-    kinds = ["cpu", torch.accelerator.current_accelerator().type] if torch.accelerator.is_available() else ["cpu"]
-    name = kinds[-1] if name == "auto" else name
+    kinds = ["cpu"]
+    if torch.accelerator.is_available():
+        kinds.append(torch.accelerator.current_accelerator().type)
+    if name == "auto":
+        name = kinds[-1]
     check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
 
 
-def train(config, cfg):
-    """Train a GPT of shape `config` on cfg.data into cfg.out_dir; under torchrun, one process per device (DDP)."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    log = print if rank == 0 else lambda *args: None
-    out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
-    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
-    check(cfg.resume or not ckpt_path.exists(), f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
-        dist.barrier()
-    vocab_size = None if (out_dir / "tokenizer.json").exists() else config.vocab_size  # a tokenizer there stays
-    tok, *paths = bpe.prepare_corpus(cfg.data, out_dir, vocab_size, log=log)
-    if world_size > 1 and rank == 0:
-        dist.barrier()
-    splits = {"train": load_tokens(paths[0]), "val": load_tokens(paths[1])}
-    config = replace(config, vocab_size=tok.vocab_size)  # a tiny text stops BPE early
-    for split, tokens in splits.items():
-        check(len(tokens) > config.block_size, f"the {split} split has {len(tokens)} tokens, too few for a window")
+def use_bfloat16(device, dtype):
+    """Whether to train with bfloat16 matmuls: asked for, or where the hardware has them."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(False)
+    cpu = torch.cpu.get_capabilities()
+    return device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = GPT(config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    batch_generator, step, past = torch.Generator().manual_seed(cfg.seed), 0, 0.0  # past: seconds trained before
-    if checkpoint:
-        check(checkpoint["config"] == asdict(config), f"{ckpt_path} has another shape: give the same flags to resume")
-        model.load_state_dict(checkpoint["weights"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        batch_generator.set_state(checkpoint["rng"]["batches"])
-        step, past = checkpoint["step"], checkpoint.get("elapsed", 0.0)
-        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))  # its budget, unless a new one
-        log(f"resuming from {ckpt_path} at step {step}")
-    if not checkpoint and rank == 0:
-        csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s\n")
-    cpu = torch.cpu.get_capabilities()  # auto: bfloat16 matmuls where the hardware has them (CUDA, AVX512-BF16, AMX)
-    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
-        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
-    bfloat16 = cfg.dtype == "bfloat16" or cfg.dtype == "auto" and native  # float32's range: no loss scaling
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)  # the rest stays float32
-    trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain GPT
-    if world_size > 1:
-        trained = DistributedDataParallel(trained)
-    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
-        f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
-    char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
 
-    stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
+@contextmanager
+def ctrl_c_stops():
+    """Ctrl-C makes the yielded list non-empty: stop after this step and save."""
+    stop = []
+
     def request_stop(*signal_args):
         if stop:
             signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start, first_step, elapsed, stopping = time.time(), step, past, past >= (cfg.max_time or math.inf)  # one spent
     try:
-        while (cfg.max_time or step < cfg.max_iters) and not stopping:
-            lr = get_lr(step, cfg, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.time()
-            loss = train_step(trained, optimizer, splits["train"], cfg, config, batch_generator, device, autocast,
-                              rank, world_size)
-            step, elapsed = step + 1, past + time.time() - start
-            tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
-            stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
-            status = torch.tensor([stopping, loss.item() / world_size, elapsed * (rank == 0)], device=device)
-            if world_size > 1:  # one process's stop or NaN stops all: the rest would wait for its gradients forever
-                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays; process 0's clock sets every lr
-            (stopping, loss, elapsed), diverged = status.tolist(), f"loss not finite at step {step}: try a lower --lr"
-            check(math.isfinite(loss), diverged)  # from NaN or inf there is no way back; the last checkpoint stays
-            if step == first_step + 1 or step % 10 == 0:
-                log(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:  # evaluate, log, save
-                row = [step, lr]
-                for tokens in splits.values():  # the same batches each time, so that the numbers compare
-                    generator = torch.Generator().manual_seed(cfg.seed + 1)
-                    batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
-                               for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, char_counts, device, autocast)
-                per_step = (elapsed - past) / (step - first_step)  # seconds, in this process
-                eta = cfg.max_time - elapsed if cfg.max_time else (cfg.max_iters - step) * per_step
-                log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
-                    f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
-                    f"ETA {timedelta(seconds=round(max(0, eta)))}")
-                check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
-                if rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed, cfg.max_time)
-                    with open(csv_path, "a", newline="", encoding="utf-8") as f:
-                        csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
-        if world_size > 1:
-            dist.barrier()  # every process done before the group goes: one leaving early can abort another's exit
-        log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
-            f"done: {ckpt_path} is at step {step}")
+        yield stop
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        if world_size > 1:
+
+
+def prepare_data(config, cfg, log):
+    """The run's tokenizer and token arrays, and config with the tokenizer's vocab_size."""
+    if RANK != 0:
+        dist.barrier()
+    # A tokenizer already in the run's folder stays.
+    vocab_size = None if (Path(cfg.out_dir) / "tokenizer.json").exists() else config.vocab_size
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log)
+    if WORLD_SIZE > 1 and RANK == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(train_path), "val": load_tokens(val_path)}
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size,
+              f"the {split} split has {len(tokens)} tokens, too few for a window")
+    # A tiny text stops BPE early.
+    config = replace(config, vocab_size=tok.vocab_size)
+    return config, tok, splits
+
+
+def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
+    """Evaluate both splits on the same batches each time, so that the numbers compare, and
+    log them; then (process 0) save the checkpoint and append a row to log.csv."""
+    block_size = run.model.config.block_size
+    char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
+    losses = []
+    for tokens in splits.values():
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        batches = (get_batch(tokens, cfg.batch_size, block_size, generator, RANK, WORLD_SIZE)
+                   for _ in range(cfg.eval_iters))
+        losses += evaluate(model, batches, char_counts, char_counts.device, autocast)
+    train_loss, train_bpc, val_loss, val_bpc = losses
+    eta = (cfg.max_iters - run.step) * run.elapsed / run.step  # seconds
+    if cfg.max_time:
+        eta = cfg.max_time - run.elapsed
+    if RANK == 0:
+        print(f"eval step {run.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
+              f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
+              f"elapsed {timedelta(seconds=round(run.elapsed))} | "
+              f"ETA {timedelta(seconds=round(max(0, eta)))}")
+    # A finite loss can come from weights that the step's update made NaN: no save then.
+    check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
+    if RANK == 0:
+        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
+        row = [run.step, lr, *losses, round(tokens_per_s), round(run.elapsed, 1)]
+        with open(Path(cfg.out_dir) / "log.csv", "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(row)
+
+
+def train_loop(run, model, splits, cfg, autocast, log):
+    """Train run.model through model (itself, compiled or wrapped) until max_iters, the time
+    budget or Ctrl-C, evaluating and saving every eval_interval steps."""
+    block_size = run.model.config.block_size
+    device = run.model.lm_head.weight.device
+    first_step = run.step
+    past = run.elapsed  # seconds trained before this session
+    start = time.time()
+    budget = cfg.max_time or math.inf
+    stopping = past >= budget  # a budget spent already
+    with ctrl_c_stops() as stop:
+        while (cfg.max_time or run.step < cfg.max_iters) and not stopping:
+            lr = get_lr(run.step, cfg, run.elapsed)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            x, y = get_batch(splits["train"], cfg.batch_size, block_size, run.batches, RANK,
+                             WORLD_SIZE)
+            loss = train_step(model, run.optimizer, x.to(device), y.to(device), cfg.grad_clip,
+                              autocast)
+            run.step += 1
+            tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
+            elapsed = past + time.time() - start
+            stopping = bool(stop) or elapsed > budget
+            # One process's stop or NaN stops all: the rest would wait for its gradients forever.
+            # The sum keeps a NaN or inf; process 0's clock sets every process's lr.
+            status = [stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)]
+            status = torch.tensor(status, device=device)
+            if WORLD_SIZE > 1:
+                dist.all_reduce(status)
+            stopping, loss, run.elapsed = status.tolist()
+            # From NaN or inf there is no way back; the last checkpoint stays.
+            check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
+            if run.step == first_step + 1 or run.step % 10 == 0:
+                log(f"step {run.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s")
+            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters or stopping:
+                evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
+    return bool(stop)
+
+
+def train(config, cfg):
+    """Train a GPT of shape `config` on cfg.data into cfg.out_dir; under torchrun, one
+    process per device (DDP)."""
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    log = print if RANK == 0 else lambda *args: None
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # A bad checkpoint fails before any work.
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None
+    check(cfg.resume or not ckpt_path.exists(),
+          f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config, tok, splits = prepare_data(config, cfg, log)
+    # The same initial weights in every process.
+    torch.manual_seed(cfg.seed)
+    model = GPT(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    run = Run(model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
+    if checkpoint:
+        restore(run, checkpoint, ckpt_path)
+        # The run keeps its time budget, unless given a new one.
+        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
+        log(f"resuming from {ckpt_path} at step {run.step}")
+    if not checkpoint and RANK == 0:
+        columns = "step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s"
+        (Path(cfg.out_dir) / "log.csv").write_text(columns + "\n")
+    bfloat16 = use_bfloat16(device, cfg.dtype)
+    # bfloat16 matmuls; the rest stays float32.
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    # What the loop calls; run.model stays the plain GPT, as checkpoints keep it.
+    trained = torch.compile(model) if cfg.compile else model
+    if WORLD_SIZE > 1:
+        trained = DistributedDataParallel(trained)
+    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}")
+    log(f"tokens: {len(splits['train']):,} train, {len(splits['val']):,} val | {device}, "
+        f"{'bfloat16' if bfloat16 else 'float32'}, {WORLD_SIZE} process(es)")
+    try:
+        stopped = train_loop(run, trained, splits, cfg, autocast, log)
+        if WORLD_SIZE > 1:
+            # Every process done before the group goes: one leaving early can abort another.
+            dist.barrier()
+    finally:
+        if WORLD_SIZE > 1:
             dist.destroy_process_group()
+    if stopped:
+        log(f"stopped by Ctrl-C at step {run.step}: saved {ckpt_path}; --resume continues")
+    else:
+        log(f"done: {ckpt_path} is at step {run.step}")
     return model
 
 
@@ -492,15 +657,22 @@ def cmd_sample(args):
     """`sample`: stream generated text to stdout, the speed to stderr."""
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
-    prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
-    idx = torch.tensor([[tok.eot_id] + tok.encode(prompt)], device=device)  # a text starts after <|endoftext|>
+    prompt = args.prompt or ""
+    if args.prompt_file:
+        prompt = bpe.read_text(args.prompt_file)
+    # A text starts after <|endoftext|>.
+    idx = torch.tensor([[tok.eot_id] + tok.encode(prompt)], device=device)
     torch.manual_seed(args.seed)
-    n_tokens, start = 0, time.time()
+    n_tokens = 0
+    start = time.time()
 
-    def new_ids():  # the sampled ids, up to <|endoftext|>
+    def new_ids():
+        """The sampled ids, up to <|endoftext|>."""
         nonlocal n_tokens
-        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
-            n_tokens, id = n_tokens + 1, token.item()  # one sync with the device per token
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p):
+            n_tokens += 1
+            id = token.item()  # one sync with the device per token
             if id == tok.eot_id:
                 return
             yield id
@@ -525,10 +697,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_fields(parser, config_class, *names):
     """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
-    for f in [f for f in fields(config_class) if not names or f.name in names]:
-        kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
+    for f in fields(config_class):
+        if names and f.name not in names:
+            continue
+        kind = f.type
+        if not isinstance(kind, type):
+            kind = kind.__args__[0]  # int | None converts with int
+        kind = f.metadata.get("type", kind)
+        default = f.default
+        if callable(f.default_factory):
+            default = f.default_factory()
+        options = dict(type=kind, default=default)
+        if kind is bool:
+            options = dict(action="store_true")
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
 
 
@@ -540,20 +721,27 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    """`eval`: loss and bits per character on the run's validation split, another corpus's, or a file."""
+    """`eval`: loss and bits per character on the run's validation split, another corpus's,
+    or a file."""
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
     if args.text:
-        what, tokens = args.text, torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in .bin
+        what = args.text
+        # As in the .bin files: <|endoftext|> before the text.
+        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))
     elif args.data:  # a corpus's validation split, encoded with this tokenizer
-        what, docs = f"validation split of {args.data}", bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        what = f"validation split of {args.data}"
+        docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
         tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
     else:  # the run's own, as train encoded it
-        what, tokens = f"validation split of {args.out_dir}", load_tokens(Path(args.out_dir) / "val.bin")
-    loss, bpc = evaluate(model, sequential_batches(tokens, args.batch_size, model.config.block_size),
-                         torch.tensor(tok.char_counts(), device=device), device)
-    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
+        what = f"validation split of {args.out_dir}"
+        tokens = load_tokens(Path(args.out_dir) / "val.bin")
+    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    loss, bpc = evaluate(model, batches, char_counts, device)
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character "
+          f"({len(tokens) - 1:,} tokens)")
 
 
 def build_parser():
@@ -561,7 +749,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, run, *run_fields):
-        sub = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = commands.add_parser(name, help=help,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(run=run)
         add_fields(sub, TrainConfig, *run_fields)
         return sub
@@ -570,12 +759,17 @@ def build_parser():
     sample = command("sample", "generate text", cmd_sample, "out_dir", "seed", "device")
     sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
     sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
-    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
+    sample.add_argument("--max-new-tokens", type=int, default=500,
+                        help="tokens to generate per sample")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
-    sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
-    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "batch_size", "device")
-    eval_args.add_argument("--data", help="score this corpus's validation split (None: the run's own)")
+    sample.add_argument("--top-p", type=float,
+                        help="sample from the likeliest tokens holding this probability")
+    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir",
+                        "batch_size", "device")
+    eval_args.add_argument("--data",
+                           help="score this corpus's validation split (None: the run's own)")
     eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
     return parser
 
@@ -583,7 +777,8 @@ def build_parser():
 def main(argv=None):
     """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
     args = build_parser().parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+    # UTF-8 whatever the console's code page, as in Python's UTF-8 mode.
+    for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)

@@ -38,14 +38,15 @@ def train_speed(module, model, config, steps):
     cfg = module.TrainConfig()
     device = torch.device("cpu")
     optimizer = module.configure_optimizer(model, cfg, device)
-    cpu = torch.cpu.get_capabilities()  # bfloat16 matmuls where the CPU has them, as `train` picks
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
+    # bfloat16 matmuls where the CPU has them, as `train` picks
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=module.use_bfloat16(device, "auto"))
     tokens = torch.randint(0, config.vocab_size, (1_000_000,), dtype=torch.int32).to(torch.uint16)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps + 1):
         if step == 1:
             start = time.perf_counter()
-        module.train_step(model, optimizer, tokens, cfg, config, generator, device, autocast).item()
+        x, y = module.get_batch(tokens, cfg.batch_size, config.block_size, generator)
+        module.train_step(model, optimizer, x.to(device), y.to(device), cfg.grad_clip, autocast).item()
     return steps * cfg.batch_size * config.block_size / (time.perf_counter() - start)
 
 

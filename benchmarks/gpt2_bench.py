@@ -30,12 +30,8 @@ import gpt2  # noqa: E402
 
 
 def bfloat16_autocast(device, dtype):
-    """(autocast, whether it is on): the precision `train` picks for --dtype, bfloat16 matmuls
-    where the hardware has them (auto), as gpt2.py's train() decides."""
-    cpu = torch.cpu.get_capabilities()
-    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
-        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
-    on = dtype == "bfloat16" or dtype == "auto" and native
+    """(autocast, whether it is on): the precision `train` picks for --dtype."""
+    on = gpt2.use_bfloat16(device, dtype)
     return torch.autocast(device.type, torch.bfloat16, enabled=on), on
 
 
@@ -50,7 +46,8 @@ def train_speed(config, cfg, steps, device, compile):
     autocast, _ = bfloat16_autocast(device, cfg.dtype)
 
     def step():
-        loss = gpt2.train_step(trained, optimizer, tokens, cfg, config, generator, device, autocast, 0, 1)
+        x, y = gpt2.get_batch(tokens, cfg.batch_size, config.block_size, generator)
+        loss = gpt2.train_step(trained, optimizer, x.to(device), y.to(device), cfg.grad_clip, autocast)
         loss.item()  # wait for the device
 
     for _ in range(2):  # warm-up: allocator, kernels, compilation

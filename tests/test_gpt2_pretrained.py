@@ -170,8 +170,8 @@ def test_cli_export_of_a_checkpoint(tmp_path, capsys):
     tok.save(run / "tokenizer.json")
     model = random_gpt(gpt2.GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
     cfg = gpt2.TrainConfig(out_dir=str(run))
-    gpt2.save_checkpoint(run / "ckpt.pt", model, gpt2.configure_optimizer(model, cfg, torch.device("cpu")), 3, tok,
-                         torch.Generator())
+    optimizer = gpt2.configure_optimizer(model, cfg, torch.device("cpu"))
+    gpt2.save_checkpoint(run / "ckpt.pt", gpt2.Run(model, optimizer, tok, torch.Generator(), step=3))
     assert gpt2.main(["export", "--out-dir", str(run)]) == 0
     assert "wrote" in capsys.readouterr().out
     theirs = GPT2LMHeadModel.from_pretrained(run / "hf")

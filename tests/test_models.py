@@ -483,8 +483,8 @@ def test_cli_train_sample_and_a_bad_eval(m, corpus, tmp_path):
 def save(m, run, model):
     """model as run's checkpoint, by save_checkpoint."""
     optimizer = m.module.configure_optimizer(model, m.module.TrainConfig(), torch.device("cpu"))
-    m.module.save_checkpoint(run / "ckpt.pt", model, optimizer, 1, bpe.Tokenizer.load(run / "tokenizer.json"),
-                             torch.Generator())
+    tok = bpe.Tokenizer.load(run / "tokenizer.json")
+    m.module.save_checkpoint(run / "ckpt.pt", m.module.Run(model, optimizer, tok, torch.Generator(), step=1))
 
 
 def test_greedy_sample_is_the_same_with_any_seed_and_without_the_cache(m, trained, tmp_path, capsys, monkeypatch):
