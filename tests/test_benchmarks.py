@@ -1,6 +1,9 @@
 """The scripts behind the README's comparison table and picture run, on tiny inputs; what they
-measure is never asserted here (speed is a benchmark's business, not a test's)."""
+measure is asserted only where a broken script would get it wrong, never a speed (speed is a
+benchmark's business, not a test's)."""
 
+import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -46,3 +49,20 @@ def test_compare_models_prints_a_row_per_model():
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^\| (\w+) \| [\d.]+M \| [\d.]+M \| [\d,]+ \| .* \|$", result.stdout, re.MULTILINE)
     assert rows == MODELS, result.stdout
+
+
+def test_compressors_print_a_finite_rate_per_compressor(tmp_path):
+    lines = [f"Строка {i % 7}: мама мыла раму, а папа читал газету.\n" for i in range(400)]
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text(name + "".join(lines), encoding="utf-8")
+    result = run_script("compressors.py", "--data", tmp_path, "--quick")
+    assert result.returncode == 0, result.stderr
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+) \| [\d.]+ \|$", result.stdout, re.MULTILINE))
+    expected = ["xz -9e (lzma)", "bzip2 -9"]
+    if importlib.util.find_spec("pyppmd"):
+        expected += ["PPMd order 10", "PPMd order 12, primed on train"]
+    else:
+        assert "pip install pyppmd" in result.stdout
+    assert list(rows) == expected, result.stdout
+    assert all(0 < float(bpc) < math.inf for bpc in rows.values()), result.stdout
+    assert float(rows["bzip2 -9"]) < 1, result.stdout  # a repeated text: far below 8 bits
