@@ -1,18 +1,21 @@
 """
 Gemma from scratch: the model, its data, training, sampling and command line in one file.
 
-Gemma 1 (Gemma Team, Google DeepMind, 2024, "Gemma: Open Models Based on Gemini Research and
-Technology") is LLaMA (llama.py) with these changes, as transformers' GemmaForCausalLM computes them:
+Gemma 1 (Gemma Team, Google DeepMind, 2024, "Gemma: Open Models Based on Gemini Research
+and Technology") is LLaMA (llama.py) with these changes, as transformers'
+GemmaForCausalLM computes them:
 
-  - The token embeddings are multiplied by sqrt(n_embd), and the head is the token embedding (tied).
+  - The token embeddings are multiplied by sqrt(n_embd), and the head is the token
+    embedding (tied).
   - RMSNorm scales by (1 + w), w starting at zero, in float32 until after the scale.
   - GeGLU instead of SwiGLU: down(gelu_tanh(gate(x)) * up(x)).
-  - head_size is a field of its own: n_head * head_size may differ from n_embd (Gemma 7B: 16 heads
-    of 256 on a width of 3072).
-  - Multi-query attention by default (Shazeer, 2019; Gemma 2B): one key and value head, n_kv_head 1.
+  - head_size is a field of its own: n_head * head_size may differ from n_embd
+    (Gemma 7B: 16 heads of 256 on a width of 3072).
+  - Multi-query attention by default (Shazeer, 2019; Gemma 2B): one key and value head,
+    n_kv_head 1.
 
-Gemma 2 and 3 (logit soft-capping, alternating local and global attention, extra norms) are out of
-scope: they are the next steps.
+Gemma 2 and 3 (logit soft-capping, alternating local and global attention, extra norms)
+are out of scope: they are the next steps.
 
     python gemma.py train                  # tokenizer, encoded corpus, then training
     python gemma.py sample --prompt "Мой дядя"
@@ -29,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -43,7 +46,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bpe
 
-MODEL = "gemma"  # stored in every checkpoint; checkpoints of other models are refused
+# Stored in every checkpoint; checkpoints of other models are refused.
+MODEL = "gemma"
 
 # -----------------------------------------------------------------------------
 # Config
@@ -55,45 +59,59 @@ def arg(default, help, **metadata):
 
 
 def check(ok, message):
-    """A user's mistake ends here, as one sentence: ValueError(message) unless ok."""
+    """Raise ValueError(message) unless ok: the one-line error that a user sees."""
     if not ok:
         raise ValueError(message)
 
 
 @dataclass
 class GemmaConfig:
-    """The shape of the network. Gemma 7B is GemmaConfig(256000, 8192, 28, 16, 3072, 256, 0.0, 1e-6, 16,
-    mlp_hidden=24576); Gemma 2B has 18 layers, 8 heads of 256 on 2048, n_kv_head 1, mlp_hidden 16384."""
+    """The shape of the network. Gemma 7B is
+    GemmaConfig(256000, 8192, 28, 16, 3072, 256, 0.0, 1e-6, 16, mlp_hidden=24576);
+    Gemma 2B has 18 layers, 8 heads of 256 on 2048, n_kv_head 1, mlp_hidden 16384."""
 
-    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE tokenizer gets this size)")
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE gets this size)")
     block_size: int = arg(256, "context length: the most tokens the model sees at once")
     n_layer: int = arg(6, "Transformer blocks")
     n_head: int = arg(8, "attention heads per block")
     n_embd: int = arg(256, "width of the residual stream")
-    head_size: int | None = arg(None, "width of each head; n_head * head_size may differ from n_embd (None: "
-                                "n_embd // n_head)")
+    head_size: int | None = arg(None, "width of each head; n_head * head_size may "
+                                "differ from n_embd (None: n_embd // n_head)")
     dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
     norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
-    n_kv_head: int = arg(1, "key/value heads, each shared by n_head // n_kv_head query heads (1: multi-query)")
-    rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns ~1 / rope_theta per position")
+    n_kv_head: int = arg(1, "key/value heads, each shared by n_head // n_kv_head query heads "
+                         "(1: multi-query)")
+    rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns "
+                            "~1 / rope_theta per position")
     multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
-    mlp_hidden: int | None = arg(None, "the MLP's hidden width (None: 8/3 * n_embd, rounded up to multiple_of)")
+    mlp_hidden: int | None = arg(None, "the MLP's hidden width (None: 8/3 * n_embd, rounded up "
+                                 "to multiple_of)")
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "multiple_of"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                     "multiple_of"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        if self.head_size is None:  # LLaMA's: the width split among the heads
-            check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        # LLaMA's: the width split among the heads.
+        if self.head_size is None:
+            check(self.n_embd % self.n_head == 0,
+                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
             self.head_size = self.n_embd // self.n_head
-        check(isinstance(self.head_size, int) and self.head_size >= 1 and self.head_size % 2 == 0,
-              f"head_size must be a positive even integer (RoPE turns pairs), got {self.head_size!r}")
-        check(self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        value = self.head_size
+        check(isinstance(value, int) and value >= 1 and value % 2 == 0,
+              "head_size must be a positive even integer (RoPE turns pairs), "
+              f"got {value!r}")
+        check(self.n_head % self.n_kv_head == 0,
+              f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         check(self.rope_theta > 1, f"rope_theta must be greater than 1, got {self.rope_theta}")
-        if self.mlp_hidden is None:  # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2
-            self.mlp_hidden = self.multiple_of * math.ceil(int(8 * self.n_embd / 3) / self.multiple_of)
+        # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2.
+        if self.mlp_hidden is None:
+            hidden = int(8 * self.n_embd / 3)
+            self.mlp_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
         value = self.mlp_hidden
-        check(isinstance(value, int) and value >= 1, f"mlp_hidden must be a positive integer, got {value!r}")
+        check(isinstance(value, int) and value >= 1,
+              f"mlp_hidden must be a positive integer, got {value!r}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
 
@@ -101,7 +119,8 @@ class GemmaConfig:
 # -----------------------------------------------------------------------------
 # Model
 
-FUSED = True  # the fused GELU and attention kernels; the tests switch them off to check they equal ours
+# The fused GELU and attention kernels; the tests switch them off to check they equal ours.
+FUSED = True
 
 
 def gelu(x):
@@ -111,43 +130,53 @@ def gelu(x):
 
 
 class RMSNorm(nn.Module):
-    """Root mean square normalisation (Zhang and Sennrich, 2019), Gemma's way: x / RMS(x) * (1 + w), w starting
-    at zero. The gain is LLaMA's, stored minus one; at zero, this is the plain normalisation."""
+    """Root mean square normalisation (Zhang and Sennrich, 2019), Gemma's way:
+    x / RMS(x) * (1 + w), w starting at zero. The gain is LLaMA's, stored minus one;
+    at zero, this is the plain normalisation."""
 
     def __init__(self, n_embd, eps):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(n_embd))
 
-    def forward(self, x):  # in float32 until after the scale, as Hugging Face's Gemma (LLaMA casts back before it)
+    def forward(self, x):
+        # In float32 until after the scale, as Hugging Face's Gemma (LLaMA casts back before it).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (x32 * (1.0 + self.weight.float())).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns its feature
-    pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m, then back by n, is turning
-    by m - n: the score q_m . k_n depends on m - n only, and nothing is learned."""
+    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns
+    its feature pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m,
+    then back by n, is turning by m - n: the score q_m . k_n depends on m - n only, and
+    nothing is learned."""
 
     def __init__(self, config):
         super().__init__()
         head_size = config.head_size
-        inv_freq = config.rope_theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs / 2,)
-        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)  # (block_size, hs / 2)
-        angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_size): features i and i + hs / 2 pair up
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # not persistent: no checkpoint needs it
+        pairs = torch.arange(0, head_size, 2, dtype=torch.float64)
+        inv_freq = config.rope_theta ** (-pairs / head_size)  # (hs / 2,)
+        positions = torch.arange(config.block_size, dtype=torch.float64)
+        angles = torch.outer(positions, inv_freq)  # (block_size, hs / 2)
+        # (block_size, head_size): features i and i + hs / 2 pair up.
+        angles = torch.cat([angles, angles], dim=-1)
+        # Not persistent: no checkpoint needs it.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, start, T):  # cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1
+    def forward(self, start, T):
+        """cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1."""
         return self.cos[start : start + T], self.sin[start : start + T]
 
 
 def apply_rope(x, cos, sin):
-    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin, x2 cos + x1 sin). Which
-    features pair up is a convention; the two are one model, up to the order of each head's rows in q_proj and
-    k_proj (evens, then odds: how Hugging Face's conversion script turns Meta's weights into theirs).
+    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin,
+    x2 cos + x1 sin). Which features pair up is a convention; the two are one model, up to
+    the order of each head's rows in q_proj and k_proj (evens, then odds: how Hugging Face's
+    conversion script turns Meta's weights into theirs).
         Meta's code:          (x0 x1) (x2 x3) (x4 x5) (x6 x7)   neighbours, as complex numbers
-        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, x1 with x5, ..."""
+        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, ..."""
     x1, x2 = x.chunk(2, dim=-1)  # each (B, heads, T, head_size / 2)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, heads, T, head_size)
 
@@ -156,19 +185,23 @@ def attention(q, k, v, dropout_p=0.0):
     """Masked scaled dot-product attention, softmax(q k^T / sqrt(head_size)) v, for the
     queries q (B, n_head, T, head_size) of the last T of the T_k positions whose keys and
     values k, v (B, n_head, T_k, head_size) hold: query i sees keys 0 .. T_k - T + i."""
-    T, T_k = q.size(-2), k.size(-2)
-    if FUSED and T in (1, T_k):  # one kernel: the causal mask, or none for one new token (all of generation)
+    T = q.size(-2)
+    T_k = k.size(-2)
+    # One kernel: the causal mask, or none for one new token (all of generation).
+    if FUSED and T in (1, T_k):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)  # (T, T_k)
+    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_k)
     att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
-    att = F.dropout(att, dropout_p)  # GPT-2's attention dropout: on the weights
+    # GPT-2's attention dropout: on the weights.
+    att = F.dropout(att, dropout_p)
     return att @ v  # (B, n_head, T, head_size)
 
 
 class KVCache:
-    """The keys and values of the tokens so far, per layer, of the shared heads only, in buffers (B, n_kv_head,
-    block_size, head_size) written in place; the next tokens go to positions pos, ..."""
+    """The keys and values of the tokens so far, per layer, of the shared heads only, in
+    buffers (B, n_kv_head, block_size, head_size) written in place; the next tokens go to
+    positions pos, ..."""
 
     def __init__(self, config, batch_size, device, dtype):
         shape = (batch_size, config.n_kv_head, config.block_size, config.head_size)
@@ -177,8 +210,9 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer, k, v):
-        """Store a layer's k, v (B, n_kv_head, T, head_size) at pos and return all so far (B, n_kv_head,
-        pos + T, head_size); Gemma.forward advances pos once every layer has stored."""
+        """Store a layer's k, v (B, n_kv_head, T, head_size) at pos and return all so far
+        (B, n_kv_head, pos + T, head_size); Gemma.forward advances pos once every layer has
+        stored."""
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -186,37 +220,47 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of n_head / n_kv_head query heads
-    shares a key and value head (n_kv_head = n_head: GPT-2's multi-head; 1: multi-query), turned by RoPE.
-    The heads are head_size wide whatever n_embd is: o_proj maps n_head * head_size back to n_embd."""
+    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of
+    n_head / n_kv_head query heads shares a key and value head (n_kv_head = n_head: GPT-2's
+    multi-head; 1: multi-query), turned by RoPE. The heads are head_size wide whatever n_embd
+    is: o_proj maps n_head * head_size back to n_embd."""
 
     def __init__(self, config, layer):
         super().__init__()
-        self.n_head, self.n_kv_head, self.dropout = config.n_head, config.n_kv_head, config.dropout
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.dropout = config.dropout
         self.layer = layer  # which layer of a KVCache is ours
+        kv_width = config.n_kv_head * config.head_size
         self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_size, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_size, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_size, bias=False)
-        self.o_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)  # joined heads -> stream
+        self.k_proj = nn.Linear(config.n_embd, kv_width, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_width, bias=False)
+        # joined heads -> residual stream
+        self.o_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.o_proj.residual_projection = True  # GPT-2's scaled init: see Gemma._init_weights
 
     def forward(self, x, rope, kv_cache=None):
         B, T, C = x.size()  # batch, tokens, n_embd
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, head_size)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, head_size)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # turned by their positions; v is not
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        # Turned by their positions; v is not.
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, n_kv_head, T_k, head_size): cached + new
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, n_head, T, head_size)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_head * head_size): heads side by side
+            # (B, n_kv_head, T_k, head_size): the cached keys and values, then the new ones
+            k, v = kv_cache.update(self.layer, k, v)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, dropout)  # (B, n_head, T, head_size)
+        # (B, T, n_head * head_size): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return F.dropout(self.o_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network as a GeGLU (Shazeer, 2020): down(gelu_tanh(gate(x)) * up(x))."""
+    """The position-wise feed-forward network as a GeGLU (Shazeer, 2020):
+    down(gelu_tanh(gate(x)) * up(x))."""
 
     def __init__(self, config):
         super().__init__()
@@ -228,12 +272,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate = self.gate_proj(x)  # (B, T, mlp_hidden)
-        gate = F.gelu(gate, approximate="tanh") if FUSED else gelu(gate)  # how much of up(x) passes, per feature
-        return F.dropout(self.down_proj(gate * self.up_proj(x)), self.dropout, self.training)  # (B, T, n_embd)
+        # How much of up(x) passes, feature by feature.
+        gate = F.gelu(gate, approximate="tanh") if FUSED else gelu(gate)
+        x = self.down_proj(gate * self.up_proj(x))  # (B, T, n_embd)
+        return F.dropout(x, self.dropout, self.training)
 
 
 class Block(nn.Module):
-    """One Transformer layer, Pre-norm as GPT-2's: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+    """One Transformer layer, Pre-norm as GPT-2's: x + Attn(RMSNorm(x)), then
+    x + MLP(RMSNorm(x))."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -248,32 +295,42 @@ class Block(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0 (and near 0), else
-    drawn by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
-    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or top_p out of range."""
-    check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0
+    (and near 0), else drawn by softmax(logits / temperature) among the top_k likeliest, and
+    of those the fewest that hold top_p of the probability.
+
+    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or
+    top_p out of range.
+    """
+    check(0 <= temperature < math.inf,
+          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
     check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits - logits.max(dim=-1, keepdim=True).values  # the likeliest at 0: near 0, the others go to -inf
-    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)  # not NaN: a float32 of 1e-39 would be 0
+    # The likeliest at 0, so that near temperature 0 the others go to -inf, never NaN;
+    # and a float32 temperature of 1e-39 would be 0, hence the smallest positive float.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
     if top_p is not None and top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # those before hold top_p; the first stays
+        # Drop a token once those before it hold top_p; the first always stays.
+        held_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        dropped = held_before >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
     return torch.multinomial(probs, num_samples=1)
 
 
 class Gemma(nn.Module):
-    """The language model: a token embedding times sqrt(n_embd), n_layer blocks, a final RMSNorm, and a head
-    that turns each position's vector into logits over the next token. Positions enter only as RoPE's turns.
-    The scale is the original Transformer's (Vaswani et al., 2017), for a matrix shared with the head: the
-    head wants its rows small, the residual stream wants them larger."""
+    """The language model: a token embedding times sqrt(n_embd), n_layer blocks, a final
+    RMSNorm, and a head that turns each position's vector into logits over the next
+    token. Positions enter only as RoPE's turns. The scale is the original Transformer's
+    (Vaswani et al., 2017), for a matrix shared with the head: the head wants its rows
+    small, the residual stream wants them larger."""
 
     def __init__(self, config):
         super().__init__()
@@ -285,14 +342,18 @@ class Gemma(nn.Module):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.model.embed_tokens.weight  # tied, as GPT-2's: 0.79 B parameters fewer at 7B
+        # Tied, as GPT-2's: 0.79 B parameters fewer at 7B.
+        self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual projections, as the
-        stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's init leave that scaling out)."""
+        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual
+        projections, as the stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's
+        init leave that scaling out)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if hasattr(module, "residual_projection") else 0.02
+            std = 0.02
+            if hasattr(module, "residual_projection"):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_params(self):
@@ -310,10 +371,13 @@ class Gemma(nn.Module):
         tokens after the cached ones, at positions kv_cache.pos, kv_cache.pos + 1, ..."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
-        check(start + T <= self.config.block_size, f"{start + T} tokens exceed the context of {self.config.block_size}")
-        rope = self.model.rotary_emb(start, T)  # cos, sin (T, head_size): the turns of positions start, ...
+        check(start + T <= self.config.block_size,
+              f"{start + T} tokens exceed the context of {self.config.block_size}")
+        # cos, sin (T, head_size): the turns of positions start, ..., start + T - 1
+        rope = self.model.rotary_emb(start, T)
         x = self.model.embed_tokens(idx)  # (B, T, n_embd)
-        x = x * x.new_tensor(self.config.n_embd**0.5)  # x's dtype, as trained: bfloat16 rounds sqrt(3072) to 55.5
+        # In x's dtype, as trained: bfloat16 rounds sqrt(3072) to 55.5.
+        x = x * x.new_tensor(self.config.n_embd**0.5)
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.model.layers:
             x = block(x, rope, kv_cache)  # (B, T, n_embd)
@@ -323,31 +387,38 @@ class Gemma(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True):
         """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], dim=1)
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each step
-        runs the whole window; with it, the first fills the cache and the others run one token.
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True):
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
+        step runs the whole window; with it, the first fills the cache and the others run one
+        token.
 
-        Past block_size the window slides and the cache goes stale, though not its positions, as RoPE's
-        scores see relative ones only: from the second layer on each key and value depends on the token
-        that just left. So it is re-filled from the window at each step: as slow as no cache,
-        but exact, where a sliding cache would compute another model.
+        Past block_size the window slides and the cache goes stale, though not its positions,
+        as RoPE's scores see relative ones only: from the second layer on each key and value
+        depends on the token that just left. So it is re-filled from the window at each step:
+        as slow as no cache, but exact, where a sliding cache would compute another model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()
         check(T > 0, "generation needs at least one token to start from")
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
-        kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        kv_cache = None
+        if use_cache:
+            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
         for t in range(T, T + max_new_tokens):  # t: tokens so far
-            if kv_cache is not None and kv_cache.pos == t - 1 and t <= self.config.block_size:
+            cached = kv_cache is not None and kv_cache.pos == t - 1
+            if cached and t <= self.config.block_size:
                 x = tokens[:, t - 1 : t]  # (B, 1): the rest is cached
             else:
-                x = tokens[:, max(0, t - self.config.block_size) : t]  # (B, <= block_size): the window
+                x = tokens[:, max(0, t - self.config.block_size) : t]  # (B, <= block_size)
                 if kv_cache is not None:
                     kv_cache.pos = 0  # fill (or re-fill: see above) from the window
             logits, _ = self(x, kv_cache=kv_cache)  # (B, T_x, vocab_size)
@@ -367,15 +438,19 @@ def load_tokens(path):
 def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
     """Random windows: inputs x (B, block_size) and targets y, x shifted one token ahead.
     Every process draws all processes' starts and keeps its share: one generator state."""
-    starts = torch.randint(len(tokens) - block_size, (world_size * batch_size,), generator=generator)
-    window = tokens[starts[rank * batch_size : (rank + 1) * batch_size, None] + torch.arange(block_size + 1)].long()
+    n_starts = world_size * batch_size
+    starts = torch.randint(len(tokens) - block_size, (n_starts,), generator=generator)
+    ours = starts[rank * batch_size : (rank + 1) * batch_size]  # (B,)
+    offsets = torch.arange(block_size + 1)  # (block_size + 1,)
+    window = tokens[ours[:, None] + offsets].long()  # (B, block_size + 1)
     return window[:, :-1], window[:, 1:]
 
 
 def sequential_batches(tokens, batch_size, block_size):
     """(x, y) as get_batch's, predicting every token once, in order: windows overlapping by one."""
     n_full = (len(tokens) - 1) // block_size
-    x, y = (tokens[i : i + n_full * block_size].long().view(n_full, block_size) for i in (0, 1))
+    x = tokens[: n_full * block_size].long().view(n_full, block_size)
+    y = tokens[1 : n_full * block_size + 1].long().view(n_full, block_size)
     for first in range(0, n_full, batch_size):
         yield x[first : first + batch_size], y[first : first + batch_size]
     rest = tokens[n_full * block_size :].long()
@@ -386,18 +461,27 @@ def sequential_batches(tokens, batch_size, block_size):
 # -----------------------------------------------------------------------------
 # Training
 
+# Under torchrun, this process's rank and the number of processes (DDP); else 0 and 1.
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+
 
 def duration(text):
     """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
-    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]] if text[-1:] in ("s", "m", "h") else float(text)
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
 
 
 @dataclass
 class TrainConfig:
     """How to train: data, optimisation, schedule, bookkeeping."""
 
-    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
-    out_dir: str = arg(f"checkpoints/{MODEL}", "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+    data: str = field(default_factory=bpe.default_data_dir,
+                      metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
+    out_dir: str = arg(f"checkpoints/{MODEL}",
+                       "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
     lr: float = arg(3e-3, "peak learning rate, reached at the end of warmup")
     warmup_iters: int = arg(200, "steps of linear warmup")
@@ -406,52 +490,71 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
     eval_iters: int = arg(10, "batches per split in each evaluation")
-    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h (see get_lr)", type=duration)
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h "
+                                 "(see get_lr)", type=duration)
     seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, else cpu)")
-    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where the hardware has it)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, "
+                      "else cpu)")
+    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where "
+                     "the hardware has it)")
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue the run in out_dir")
-    init_from: str | None = arg(None, "a Hugging Face Gemma folder to start from, instead of random weights")
+    init_from: str | None = arg(None, "a Hugging Face Gemma folder to start from, instead of "
+                                "random weights")
 
     def __post_init__(self):
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_iters", "weight_decay", "grad_clip"):
-            check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            check(value >= 0, f"{name} must not be negative, got {value}")
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(self.max_time is None or 0 < self.max_time < 1e9, f"max_time must be in (0s, 1e9s), got {self.max_time}")
-        check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+        check(self.max_time is None or 0 < self.max_time < 1e9,
+              f"max_time must be in (0s, 1e9s), got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"),
+              f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
 
 
 def configure_optimizer(model, cfg, device):
     """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas (0.9, 0.95), decaying
     only the weight matrices: pulling biases and norm gains to zero fights their purpose."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def get_lr(step, cfg, elapsed=0.0):
-    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
-    Under a time budget, warmup still counts steps and the decay ends at step / elapsed * max_time (elapsed: seconds
-    trained, > 0): the steps the budget allows at the rate so far. A budget shorter than the warmup ends in it."""
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to
+    cfg.lr / 10 at max_iters.
+
+    Under a time budget the warmup still counts steps, and the decay ends at step / elapsed *
+    max_time (elapsed: seconds trained, > 0): the steps that the budget allows at the rate so
+    far. A budget shorter than the warmup ends in it.
+    """
     max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))  # 0 -> 1
-    return cfg.lr / 10 + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr / 10)
+    decay_iters = max(1, max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_iters)  # 0 -> 1
+    min_lr = cfg.lr / 10
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank=0, world_size=1):
-    """One optimizer step on a random batch (under DDP, backward() averages over processes)."""
-    x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+def train_step(model, optimizer, x, y, grad_clip, autocast):
+    """One optimizer step on the batch x, y (B, T); under DDP, backward() averages the
+    gradients over processes. Returns the loss, on the device."""
     with autocast:
-        _, loss = model(x.to(device), y.to(device))
+        _, loss = model(x, y)
     loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -459,8 +562,9 @@ def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, a
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the targets'
-    text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves model training."""
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
+    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves
+    the model training."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
@@ -474,14 +578,36 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
     if dist.is_initialized():
         dist.all_reduce(totals)
     nats, n_tokens, n_chars = totals.tolist()
-    return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
+    bpc = nats / math.log(2) / n_chars if n_chars else float("nan")
+    return nats / n_tokens, bpc
 
 
-def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0, max_time=None):
-    """All --resume needs (config as a plain dict, the clock, the tokenizer's fingerprint), written atomically."""
-    checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
-                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "elapsed": elapsed,
-                  "max_time": max_time, "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}}
+@dataclass
+class Run:
+    """A run in training, as its checkpoint keeps it."""
+
+    model: nn.Module  # the plain model, not compiled or wrapped
+    optimizer: torch.optim.Optimizer
+    tok: bpe.Tokenizer
+    batches: torch.Generator  # draws the training batches
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, earlier sessions included
+
+
+def save_checkpoint(path, run, max_time=None):
+    """Write all that --resume needs, atomically, as plain data."""
+    rng = {"torch": torch.get_rng_state(), "batches": run.batches.get_state()}
+    checkpoint = {
+        "model": MODEL,
+        "config": asdict(run.model.config),
+        "tokenizer": run.tok.fingerprint,
+        "step": run.step,
+        "weights": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "elapsed": run.elapsed,
+        "max_time": max_time,
+        "rng": rng,
+    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
@@ -491,136 +617,228 @@ def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=
 
 def load_checkpoint(path):
     """The run at path (ckpt.pt, tokenizer.json beside it): Gemma, tokenizer, checkpoint dict.
-    Refused in one sentence if missing, unreadable, incomplete, or of another model or tokenizer."""
-    check(path.is_file(), f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
-    try:  # tensors and plain data only (weights_only): no code runs from the file
+    Refused in one sentence if missing, unreadable, incomplete, or of another model or
+    tokenizer."""
+    check(path.is_file(),
+          f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    # Tensors and plain data only (weights_only): no code runs from the file.
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...: each fails its own way
+    except Exception:  # a truncated zip, a foreign pickle, ...
         raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
     kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}" if kind else f"{path} is no checkpoint")
+    check(kind, f"{path} is no checkpoint")
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}")
     missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
     check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
     tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
-    check(checkpoint["tokenizer"] == tok.fingerprint, f"{path} was trained with another tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint,
+          f"{path} was trained with another tokenizer.json")
     try:
         model = Gemma(GemmaConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["weights"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
-    check(all(p.isfinite().all() for p in model.parameters()), f"{path} holds NaN or inf weights: its run diverged")
+    finite = all(p.isfinite().all() for p in model.parameters())
+    check(finite, f"{path} holds NaN or inf weights: its run diverged")
     return model, tok, checkpoint
+
+
+def restore(run, checkpoint, path):
+    """Continue run from a checkpoint of the same shape."""
+    ours = asdict(run.model.config)
+    theirs = checkpoint["config"]
+    differ = ", ".join(name for name in ours if theirs.get(name) != ours[name])
+    check(not differ, f"{path} has another shape ({differ}): give the same flags to resume")
+    run.model.load_state_dict(checkpoint["weights"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.batches.set_state(checkpoint["rng"]["batches"])
+    run.step = checkpoint["step"]
+    run.elapsed = checkpoint.get("elapsed", 0.0)
 
 
 def pick_device(name, local_rank=0):
     """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
-    kinds = ["cpu", torch.accelerator.current_accelerator().type] if torch.accelerator.is_available() else ["cpu"]
-    name = kinds[-1] if name == "auto" else name
+    kinds = ["cpu"]
+    if torch.accelerator.is_available():
+        kinds.append(torch.accelerator.current_accelerator().type)
+    if name == "auto":
+        name = kinds[-1]
     check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
 
 
-def train(config, cfg):
-    """Train a Gemma of shape `config` on cfg.data into cfg.out_dir; under torchrun, one process per device (DDP)."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    log = print if rank == 0 else lambda *args: None
-    out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
-    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
-    check(cfg.resume or not ckpt_path.exists(), f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
-        dist.barrier()
-    vocab_size = None if (out_dir / "tokenizer.json").exists() else config.vocab_size  # a tokenizer there stays
-    tok, *paths = bpe.prepare_corpus(cfg.data, out_dir, vocab_size, log=log)
-    if world_size > 1 and rank == 0:
-        dist.barrier()
-    splits = {"train": load_tokens(paths[0]), "val": load_tokens(paths[1])}
-    config = config if cfg.init_from else replace(config, vocab_size=tok.vocab_size)  # a tiny text stops BPE early
-    for split, tokens in splits.items():
-        check(len(tokens) > config.block_size, f"the {split} split has {len(tokens)} tokens, too few for a window")
+def use_bfloat16(device, dtype):
+    """Whether to train with bfloat16 matmuls: asked for, or where the hardware has them."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(False)
+    cpu = torch.cpu.get_capabilities()
+    return device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = Gemma(config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    batch_generator, step, past = torch.Generator().manual_seed(cfg.seed), 0, 0.0  # past: seconds trained before
-    if checkpoint:
-        check(checkpoint["config"] == asdict(config), f"{ckpt_path} has another shape: give the same flags to resume")
-        model.load_state_dict(checkpoint["weights"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        batch_generator.set_state(checkpoint["rng"]["batches"])
-        step, past = checkpoint["step"], checkpoint.get("elapsed", 0.0)
-        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))  # its budget, unless a new one
-        log(f"resuming from {ckpt_path} at step {step}")
-    elif cfg.init_from:  # fine-tuning: start from the released weights
-        load_pretrained_weights(model, cfg.init_from)
-    if not checkpoint and rank == 0:
-        csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s\n")
-    cpu = torch.cpu.get_capabilities()  # auto: bfloat16 matmuls where the hardware has them (CUDA, AVX512-BF16, AMX)
-    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
-        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
-    bfloat16 = cfg.dtype == "bfloat16" or cfg.dtype == "auto" and native  # float32's range: no loss scaling
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)  # the rest stays float32
-    trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain Gemma
-    if world_size > 1:
-        trained = DistributedDataParallel(trained)
-    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}\ntokens: {len(splits['train']):,} train, "
-        f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
-    char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
 
-    stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
+@contextmanager
+def ctrl_c_stops():
+    """Ctrl-C makes the yielded list non-empty: stop after this step and save."""
+    stop = []
+
     def request_stop(*signal_args):
         if stop:
             signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start, first_step, elapsed, stopping = time.time(), step, past, past >= (cfg.max_time or math.inf)  # one spent
     try:
-        while (cfg.max_time or step < cfg.max_iters) and not stopping:
-            lr = get_lr(step, cfg, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.time()
-            loss = train_step(trained, optimizer, splits["train"], cfg, config, batch_generator, device, autocast,
-                              rank, world_size)
-            step, elapsed = step + 1, past + time.time() - start
-            tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
-            stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
-            status = torch.tensor([stopping, loss.item() / world_size, elapsed * (rank == 0)], device=device)
-            if world_size > 1:  # one process's stop or NaN stops all: the rest would wait for its gradients forever
-                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays; process 0's clock sets every lr
-            (stopping, loss, elapsed), diverged = status.tolist(), f"loss not finite at step {step}: try a lower --lr"
-            check(math.isfinite(loss), diverged)  # from NaN or inf there is no way back; the last checkpoint stays
-            if step == first_step + 1 or step % 10 == 0:
-                log(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:  # evaluate, log, save
-                row = [step, lr]
-                for tokens in splits.values():  # the same batches each time, so that the numbers compare
-                    generator = torch.Generator().manual_seed(cfg.seed + 1)
-                    batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
-                               for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, char_counts, device, autocast)
-                per_step = (elapsed - past) / (step - first_step)  # seconds, in this process
-                eta = cfg.max_time - elapsed if cfg.max_time else (cfg.max_iters - step) * per_step
-                log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
-                    f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
-                    f"ETA {timedelta(seconds=round(max(0, eta)))}")
-                check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
-                if rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed, cfg.max_time)
-                    with open(csv_path, "a", newline="", encoding="utf-8") as f:
-                        csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)])
-        if world_size > 1:
-            dist.barrier()  # every process done before the group goes: one leaving early can abort another's exit
-        log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
-            f"done: {ckpt_path} is at step {step}")
+        yield stop
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        if world_size > 1:
+
+
+def prepare_data(config, cfg, log):
+    """The run's tokenizer and token arrays, and config with the tokenizer's vocab_size."""
+    if RANK != 0:
+        dist.barrier()
+    # A tokenizer already in the run's folder stays.
+    vocab_size = None if (Path(cfg.out_dir) / "tokenizer.json").exists() else config.vocab_size
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log)
+    if WORLD_SIZE > 1 and RANK == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(train_path), "val": load_tokens(val_path)}
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size,
+              f"the {split} split has {len(tokens)} tokens, too few for a window")
+    # A tiny text stops BPE early.
+    if not cfg.init_from:
+        config = replace(config, vocab_size=tok.vocab_size)
+    return config, tok, splits
+
+
+def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
+    """Evaluate both splits on the same batches each time, so that the numbers compare, and
+    log them; then (process 0) save the checkpoint and append a row to log.csv."""
+    block_size = run.model.config.block_size
+    char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
+    losses = []
+    for tokens in splits.values():
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        batches = (get_batch(tokens, cfg.batch_size, block_size, generator, RANK, WORLD_SIZE)
+                   for _ in range(cfg.eval_iters))
+        losses += evaluate(model, batches, char_counts, char_counts.device, autocast)
+    train_loss, train_bpc, val_loss, val_bpc = losses
+    eta = (cfg.max_iters - run.step) * run.elapsed / run.step  # seconds
+    if cfg.max_time:
+        eta = cfg.max_time - run.elapsed
+    if RANK == 0:
+        print(f"eval step {run.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
+              f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
+              f"elapsed {timedelta(seconds=round(run.elapsed))} | "
+              f"ETA {timedelta(seconds=round(max(0, eta)))}")
+    # A finite loss can come from weights that the step's update made NaN: no save then.
+    check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
+    if RANK == 0:
+        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
+        row = [run.step, lr, *losses, round(tokens_per_s), round(run.elapsed, 1)]
+        with open(Path(cfg.out_dir) / "log.csv", "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(row)
+
+
+def train_loop(run, model, splits, cfg, autocast, log):
+    """Train run.model through model (itself, compiled or wrapped) until max_iters, the time
+    budget or Ctrl-C, evaluating and saving every eval_interval steps."""
+    block_size = run.model.config.block_size
+    device = run.model.lm_head.weight.device
+    first_step = run.step
+    past = run.elapsed  # seconds trained before this session
+    start = time.time()
+    budget = cfg.max_time or math.inf
+    stopping = past >= budget  # a budget spent already
+    with ctrl_c_stops() as stop:
+        while (cfg.max_time or run.step < cfg.max_iters) and not stopping:
+            lr = get_lr(run.step, cfg, run.elapsed)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            x, y = get_batch(splits["train"], cfg.batch_size, block_size, run.batches, RANK,
+                             WORLD_SIZE)
+            loss = train_step(model, run.optimizer, x.to(device), y.to(device), cfg.grad_clip,
+                              autocast)
+            run.step += 1
+            tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
+            elapsed = past + time.time() - start
+            stopping = bool(stop) or elapsed > budget
+            # One process's stop or NaN stops all: the rest would wait for its gradients forever.
+            # The sum keeps a NaN or inf; process 0's clock sets every process's lr.
+            status = [stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)]
+            status = torch.tensor(status, device=device)
+            if WORLD_SIZE > 1:
+                dist.all_reduce(status)
+            stopping, loss, run.elapsed = status.tolist()
+            # From NaN or inf there is no way back; the last checkpoint stays.
+            check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
+            if run.step == first_step + 1 or run.step % 10 == 0:
+                log(f"step {run.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s")
+            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters or stopping:
+                evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
+    return bool(stop)
+
+
+def train(config, cfg):
+    """Train a Gemma of shape `config` on cfg.data into cfg.out_dir; under torchrun, one
+    process per device (DDP)."""
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    log = print if RANK == 0 else lambda *args: None
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # A bad checkpoint fails before any work.
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None
+    check(cfg.resume or not ckpt_path.exists(),
+          f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config, tok, splits = prepare_data(config, cfg, log)
+    # The same initial weights in every process.
+    torch.manual_seed(cfg.seed)
+    model = Gemma(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    run = Run(model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
+    if checkpoint:
+        restore(run, checkpoint, ckpt_path)
+        # The run keeps its time budget, unless given a new one.
+        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
+        log(f"resuming from {ckpt_path} at step {run.step}")
+    elif cfg.init_from:
+        # Fine-tuning: start from the released weights.
+        load_pretrained_weights(model, cfg.init_from)
+    if not checkpoint and RANK == 0:
+        columns = "step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s"
+        (Path(cfg.out_dir) / "log.csv").write_text(columns + "\n")
+    bfloat16 = use_bfloat16(device, cfg.dtype)
+    # bfloat16 matmuls; the rest stays float32.
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    # What the loop calls; run.model stays the plain Gemma, as checkpoints keep it.
+    trained = torch.compile(model) if cfg.compile else model
+    if WORLD_SIZE > 1:
+        trained = DistributedDataParallel(trained)
+    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {config}")
+    log(f"tokens: {len(splits['train']):,} train, {len(splits['val']):,} val | {device}, "
+        f"{'bfloat16' if bfloat16 else 'float32'}, {WORLD_SIZE} process(es)")
+    try:
+        stopped = train_loop(run, trained, splits, cfg, autocast, log)
+        if WORLD_SIZE > 1:
+            # Every process done before the group goes: one leaving early can abort another.
+            dist.barrier()
+    finally:
+        if WORLD_SIZE > 1:
             dist.destroy_process_group()
+    if stopped:
+        log(f"stopped by Ctrl-C at step {run.step}: saved {ckpt_path}; --resume continues")
+    else:
+        log(f"done: {ckpt_path} is at step {run.step}")
     return model
 
 
@@ -630,9 +848,11 @@ def train(config, cfg):
 
 def load_trained(out_dir, device, init_from=None, tokenizer=None):
     """The model and tokenizer of the run in out_dir, or of the Hugging Face folder init_from."""
-    check(init_from or not tokenizer, "--tokenizer goes with --init-from: a run's own tokenizer is in --out-dir")
+    check(init_from or not tokenizer,
+          "--tokenizer goes with --init-from: a run's own tokenizer is in --out-dir")
     if init_from:
-        model, tok = Gemma.from_pretrained(init_from), pretrained_tokenizer(init_from, tokenizer)
+        model = Gemma.from_pretrained(init_from)
+        tok = pretrained_tokenizer(init_from, tokenizer)
     else:
         model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
     return model.to(device).eval(), tok
@@ -642,26 +862,39 @@ def cmd_sample(args):
     """`sample`: stream generated text to stdout, the speed to stderr."""
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
-    check(tok or args.prompt_ids, "this model has no tokenizer: give --prompt-ids 1 2 3, or --tokenizer FILE")
-    check(not args.prompt_ids or not (args.prompt or args.prompt_file), "give --prompt or --prompt-ids, not both")
-    prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
-    ids = args.prompt_ids or [tok.eot_id] + tok.encode(prompt)  # a text starts after <|endoftext|>
-    check(0 <= min(ids) <= max(ids) < model.config.vocab_size, f"--prompt-ids must be ids of the model, 0 to "
-          f"{model.config.vocab_size - 1}")
+    check(tok or args.prompt_ids,
+          "this model has no tokenizer: give --prompt-ids 1 2 3, or --tokenizer FILE")
+    check(not args.prompt_ids or not (args.prompt or args.prompt_file),
+          "give --prompt or --prompt-ids, not both")
+    prompt = args.prompt or ""
+    if args.prompt_file:
+        prompt = bpe.read_text(args.prompt_file)
+    # A text starts after <|endoftext|>.
+    ids = args.prompt_ids or [tok.eot_id] + tok.encode(prompt)
+    check(0 <= min(ids) <= max(ids) < model.config.vocab_size,
+          f"--prompt-ids must be ids of the model, 0 to {model.config.vocab_size - 1}")
     idx = torch.tensor([ids], device=device)
     torch.manual_seed(args.seed)
-    n_tokens, start = 0, time.time()
+    n_tokens = 0
+    start = time.time()
 
-    def new_ids():  # the sampled ids, up to <|endoftext|>
+    def new_ids():
+        """The sampled ids, up to <|endoftext|>."""
         nonlocal n_tokens
-        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.cache):
-            n_tokens, id = n_tokens + 1, token.item()  # one sync with the device per token
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p, args.cache):
+            n_tokens += 1
+            id = token.item()  # one sync with the device per token
             if tok and id == tok.eot_id:
                 return
             yield id
 
-    print(prompt if not args.prompt_ids else tok.decode(ids) if tok else " ".join(map(str, ids)), end="")
-    for text in tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids()):  # text, or ids
+    # Text, or without a tokenizer the ids.
+    if args.prompt_ids:
+        prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
+    print(prompt, end="")
+    pieces = tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids())
+    for text in pieces:
         print(text, end="", flush=True)
     print()
     print(f"{n_tokens} tokens in {time.time() - start:.2f}s", file=sys.stderr)
@@ -670,21 +903,34 @@ def cmd_sample(args):
 # -----------------------------------------------------------------------------
 # Pretrained weights: Hugging Face's Gemma in
 #
-# Hugging Face publishes Gemma-family models as a folder: config.json (the shape), model.safetensors
-# or pytorch_model.bin (the weights) and a tokenizer. Our module names and nn.Linear's (out, in) layout
-# are theirs: loading is a plain copy. Gemma's SentencePiece tokenizer is not read here:
-# such a model takes and gives token ids (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
+# Hugging Face publishes Gemma-family models as a folder: config.json (the shape),
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer. Our module names and
+# nn.Linear's (out, in) layout are theirs: loading is a plain copy. Gemma's
+# SentencePiece tokenizer is not read here: such a model takes and gives token ids
+# (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
 
-CONFIG_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "block_size",  # theirs: ours
-               "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
-               "rms_norm_eps": "norm_eps", "num_key_value_heads": "n_kv_head", "rope_theta": "rope_theta",
-               "intermediate_size": "mlp_hidden", "head_dim": "head_size"}
-SUPPORTED = {  # config.json's settings of Gemma variants: the values gemma.py computes, transformers' default first
+# Their config.json's keys: ours.
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "block_size",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "hidden_size": "n_embd",
+    "rms_norm_eps": "norm_eps",
+    "num_key_value_heads": "n_kv_head",
+    "rope_theta": "rope_theta",
+    "intermediate_size": "mlp_hidden",
+    "head_dim": "head_size",
+}
+# config.json's settings of Gemma variants: the values gemma.py computes, transformers' default
+# first.
+SUPPORTED = {
     "architectures": (["GemmaForCausalLM"],),
     "model_type": ("gemma",),
     "tie_word_embeddings": (True,),  # the head is the token embedding
-    "hidden_act": ("gelu_pytorch_tanh", "gelu"),  # GeGLU's gate: transformers 5 reads "gelu" as the tanh one,
-    "hidden_activation": ("gelu_pytorch_tanh",),  # and transformers 4 read this key instead
+    # GeGLU's gate: transformers 5 reads "gelu" as the tanh one.
+    "hidden_act": ("gelu_pytorch_tanh", "gelu"),
+    "hidden_activation": ("gelu_pytorch_tanh",),  # transformers 4 read this key instead
     "attention_bias": (False,),  # biases in the projections
     "use_bidirectional_attention": (None, False),  # causal
 }
@@ -700,14 +946,23 @@ def config_from_pretrained(folder):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
     for key, computed in SUPPORTED.items():
-        check(hf.get(key, computed[0]) in computed, f"{path} sets {key} to {hf.get(key)!r}: gemma.py computes "
-              f"{' or '.join(map(repr, computed))}")
-    for rope in (hf.get("rope_scaling"), hf.get("rope_parameters")):  # transformers' key before version 5, and since
+        values = " or ".join(map(repr, computed))
+        check(hf.get(key, computed[0]) in computed,
+              f"{path} sets {key} to {hf.get(key)!r}: gemma.py computes {values}")
+    # transformers' key before version 5, and since
+    for rope in (hf.get("rope_scaling"), hf.get("rope_parameters")):
         check(not rope or rope.get("rope_type", rope.get("type")) in (None, "default"),
               f"{path} asks for RoPE scaling ({rope}), which gemma.py does not compute")
-    hf = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": 256,  # transformers' defaults,
-          "num_key_value_heads": 16, **hf, **(hf.get("rope_parameters") or {})}  # and 5's
-    check(CONFIG_KEYS.keys() <= hf.keys(), f"{path} lacks {', '.join(sorted(CONFIG_KEYS.keys() - hf.keys()))}")
+    # transformers' defaults, and version 5's rope_parameters
+    defaults = {
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "head_dim": 256,
+        "num_key_value_heads": 16,
+    }
+    hf = {**defaults, **hf, **(hf.get("rope_parameters") or {})}
+    missing = ", ".join(sorted(CONFIG_KEYS.keys() - hf.keys()))
+    check(not missing, f"{path} lacks {missing}")
     try:
         config = GemmaConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()})
     except ValueError as e:
@@ -716,41 +971,58 @@ def config_from_pretrained(folder):
 
 
 def load_pretrained_weights(model, folder):
-    """Copy a Hugging Face Gemma folder's weights into `model`, a Gemma of its shape: the same names,
-    a tied head perhaps stored once; RoPE's frequencies, which older transformers saved, left out."""
+    """Copy a Hugging Face Gemma folder's weights into `model`, a Gemma of its shape: the same
+    names, a tied head perhaps stored once; RoPE's frequencies, which older transformers saved,
+    left out."""
     path = Path(folder) / "model.safetensors"
-    path = path if path.is_file() else path.with_name("pytorch_model.bin")
-    check(path.is_file(), f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
-    try:  # .bin: tensors and plain data only (weights_only), no code run from the file
-        weights = safetensors.torch.load_file(path) if path.suffix == ".safetensors" else \
-            torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated, foreign, ...: each fails its own way
+    if not path.is_file():
+        path = path.with_name("pytorch_model.bin")
+    check(path.is_file(),
+          f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
+    # .bin: tensors and plain data only (weights_only), no code run from the file.
+    try:
+        if path.suffix == ".safetensors":
+            weights = safetensors.torch.load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, foreign, ...
         raise ValueError(f"{path} is corrupt: it cannot be read") from None
     check(isinstance(weights, dict), f"{path} holds no state dict of weights")
-    ours = {name: weight for name, weight in weights.items() if not name.endswith("rotary_emb.inv_freq")}
+    ours = {}
+    for name, weight in weights.items():
+        if not name.endswith("rotary_emb.inv_freq"):
+            ours[name] = weight
     if "model.embed_tokens.weight" in ours:
         ours["lm_head.weight"] = ours["model.embed_tokens.weight"]  # tied
+    # load_state_dict copies, converting float16 or bfloat16 to the model's float32.
     try:
-        model.load_state_dict(ours)  # copies, converting float16 / bfloat16 to the model's float32
+        model.load_state_dict(ours)
     except RuntimeError as e:  # names or shapes that config.json does not make
-        raise ValueError(f"{folder}'s weights do not fit Gemma as its config.json describes it: {e}") from None
+        raise ValueError(f"{folder}'s weights do not fit Gemma as its config.json describes it: "
+                         f"{e}") from None
     return model
 
 
 def pretrained_tokenizer(folder, path):
-    """The bpe.py tokenizer.json at path (--tokenizer) whose ids the Gemma in folder knows; None without one."""
+    """The bpe.py tokenizer.json at path (--tokenizer) whose ids the Gemma in folder knows;
+    None without one."""
     if path is None:
         return None
-    tok, vocab_size = bpe.Tokenizer.load(path), config_from_pretrained(folder).vocab_size
-    check(tok.vocab_size <= vocab_size, f"{path} has {tok.vocab_size} tokens, more than {folder}'s model's "
-          f"{vocab_size}: the tokenizer and the weights do not belong together")
+    tok = bpe.Tokenizer.load(path)
+    vocab_size = config_from_pretrained(folder).vocab_size
+    check(tok.vocab_size <= vocab_size,
+          f"{path} has {tok.vocab_size} tokens, more than {folder}'s model's {vocab_size}: "
+          "the tokenizer and the weights do not belong together")
     return tok
 
 
 def fine_tuning_config(folder, out_dir, dropout):
-    """`train --init-from`'s config, the folder's (with our dropout); the run's tokenizer.json is its."""
-    config, tok_path = config_from_pretrained(folder), Path(out_dir) / "tokenizer.json"
-    check(tok_path.exists(), f"train --init-from needs {tok_path}: the bpe.py tokenizer whose ids the model knows")
+    """`train --init-from`'s config, the folder's (with our dropout); the run's tokenizer.json
+    is its."""
+    config = config_from_pretrained(folder)
+    tok_path = Path(out_dir) / "tokenizer.json"
+    check(tok_path.exists(),
+          f"train --init-from needs {tok_path}: the bpe.py tokenizer whose ids the model knows")
     pretrained_tokenizer(folder, tok_path)
     return replace(config, dropout=dropout)
 
@@ -768,10 +1040,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_fields(parser, config_class, *names):
     """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
-    for f in [f for f in fields(config_class) if not names or f.name in names]:
-        kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
+    for f in fields(config_class):
+        if names and f.name not in names:
+            continue
+        kind = f.type
+        if not isinstance(kind, type):
+            kind = kind.__args__[0]  # int | None converts with int
+        kind = f.metadata.get("type", kind)
+        default = f.default
+        if callable(f.default_factory):
+            default = f.default_factory()
+        options = dict(type=kind, default=default)
+        if kind is bool:
+            options = dict(action="store_true")
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
 
 
@@ -779,28 +1060,38 @@ def cmd_train(args):
     """`train`: the flags become a GemmaConfig and a TrainConfig."""
     config = GemmaConfig(**{f.name: getattr(args, f.name) for f in fields(GemmaConfig)})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.init_from:  # the pretrained model's shape replaces the flags'
+    # The pretrained model's shape replaces the flags'.
+    if cfg.init_from:
         config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
     train(config, cfg)
 
 
 def cmd_eval(args):
-    """`eval`: loss and bits per character on the run's validation split, another corpus's, or a file."""
+    """`eval`: loss and bits per character on the run's validation split, another corpus's,
+    or a file."""
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
-    check(tok, "eval --init-from needs --tokenizer FILE: a bpe.py tokenizer.json whose ids the model knows")
-    check(args.data or args.text or not args.init_from, "eval --init-from scores --data DIR or --text FILE")
+    check(tok, "eval --init-from needs --tokenizer FILE: a bpe.py tokenizer.json whose ids the "
+          "model knows")
+    check(args.data or args.text or not args.init_from,
+          "eval --init-from scores --data DIR or --text FILE")
     if args.text:
-        what, tokens = args.text, torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in .bin
+        what = args.text
+        # As in the .bin files: <|endoftext|> before the text.
+        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))
     elif args.data:  # a corpus's validation split, encoded with this tokenizer
-        what, docs = f"validation split of {args.data}", bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        what = f"validation split of {args.data}"
+        docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
         tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
     else:  # the run's own, as train encoded it
-        what, tokens = f"validation split of {args.out_dir}", load_tokens(Path(args.out_dir) / "val.bin")
-    loss, bpc = evaluate(model, sequential_batches(tokens, args.batch_size, model.config.block_size),
-                         torch.tensor(tok.char_counts(), device=device), device)
-    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
+        what = f"validation split of {args.out_dir}"
+        tokens = load_tokens(Path(args.out_dir) / "val.bin")
+    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    loss, bpc = evaluate(model, batches, char_counts, device)
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character "
+          f"({len(tokens) - 1:,} tokens)")
 
 
 def build_parser():
@@ -808,25 +1099,36 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, run, *run_fields):
-        sub = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = commands.add_parser(name, help=help,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(run=run)
         add_fields(sub, TrainConfig, *run_fields)
-        if "init_from" in run_fields:  # sample and eval
-            sub.add_argument("--tokenizer", help="with --init-from: a bpe.py tokenizer.json whose ids the model knows")
+        # sample and eval
+        if "init_from" in run_fields:
+            sub.add_argument("--tokenizer", help="with --init-from: a bpe.py tokenizer.json whose "
+                             "ids the model knows")
         return sub
 
     add_fields(command("train", "train a model", cmd_train), GemmaConfig)
-    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed", "device")
+    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed",
+                     "device")
     sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
     sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
-    sample.add_argument("--prompt-ids", type=int, nargs="+", help="the prompt as token ids (no tokenizer: ids out too)")
-    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
+    sample.add_argument("--prompt-ids", type=int, nargs="+",
+                        help="the prompt as token ids (no tokenizer: ids out too)")
+    sample.add_argument("--max-new-tokens", type=int, default=500,
+                        help="tokens to generate per sample")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
-    sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
-    sample.add_argument("--no-cache", dest="cache", action="store_false", help="generate without the KV-cache")
-    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from", "batch_size", "device")
-    eval_args.add_argument("--data", help="score this corpus's validation split (None: the run's own)")
+    sample.add_argument("--top-p", type=float,
+                        help="sample from the likeliest tokens holding this probability")
+    sample.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="generate without the KV-cache")
+    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
+                        "batch_size", "device")
+    eval_args.add_argument("--data",
+                           help="score this corpus's validation split (None: the run's own)")
     eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
     return parser
 
@@ -834,7 +1136,8 @@ def build_parser():
 def main(argv=None):
     """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
     args = build_parser().parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+    # UTF-8 whatever the console's code page, as in Python's UTF-8 mode.
+    for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)

@@ -32,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bpe
 
-MODEL = "gpt1"  # stored in every checkpoint; checkpoints of other models are refused
+# Stored in every checkpoint; checkpoints of other models are refused.
+MODEL = "gpt1"
 
 # -----------------------------------------------------------------------------
 # Config
@@ -203,7 +204,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        """Logits (B, T, vocab_size) for the token ids idx (B, T); given targets (B, T), the loss."""
+        """Logits (B, T, vocab_size) for the token ids idx (B, T); given targets (B, T), the
+        loss."""
         B, T = idx.size()
         check(T <= self.config.block_size,
               f"{T} tokens exceed the context of {self.config.block_size}")

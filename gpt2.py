@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bpe
 
-MODEL = "gpt2"  # stored in every checkpoint; checkpoints of other models are refused
+# Stored in every checkpoint; checkpoints of other models are refused.
+MODEL = "gpt2"
 
 # -----------------------------------------------------------------------------
 # Config

@@ -70,8 +70,8 @@ class LlamaConfig:
     n_embd: int = arg(256, "width of the residual stream; each head gets n_embd // n_head")
     dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
     norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
-    n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query heads "
-                         "(1: multi-query)")
+    n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query "
+                         "heads (1: multi-query)")
     rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns "
                             "~1 / rope_theta per position")
     multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")

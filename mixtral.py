@@ -1,13 +1,17 @@
 """
 Mixtral from scratch: the model, its data, training, sampling and command line in one file.
 
-Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is Mistral (mistral.py) with each block's MLP
-replaced by a sparse mixture of experts (Shazeer et al., 2017; Fedus et al., 2022, "Switch Transformers"):
+Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is Mistral (mistral.py) with each
+block's MLP replaced by a sparse mixture of experts (Shazeer et al., 2017; Fedus et al., 2022,
+"Switch Transformers"):
 
-  - n_expert SwiGLU MLPs per block, the experts, and a router, Linear(n_embd, n_expert), scoring them.
-  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8), their outputs weighted
-    by a softmax over those scores: the parameters of n_expert MLPs, the compute of n_expert_per_token.
-  - A load-balancing loss (Switch Transformer's) against a router that sends most tokens to a few experts.
+  - n_expert SwiGLU MLPs per block, the experts, and a router, Linear(n_embd, n_expert),
+    scoring them.
+  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8), their
+    outputs weighted by a softmax over those scores: the parameters of n_expert MLPs, the
+    compute of n_expert_per_token.
+  - A load-balancing loss (Switch Transformer's) against a router that sends most tokens to a
+    few experts.
 
 The default, 8 experts of half LLaMA's MLP width, top 2: 15.71M parameters, 5.98M active per token
 (mistral.py: 5.96M, the same compute).
@@ -27,7 +31,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -41,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bpe
 
-MODEL = "mixtral"  # stored in every checkpoint; checkpoints of other models are refused
+# Stored in every checkpoint; checkpoints of other models are refused.
+MODEL = "mixtral"
 
 # -----------------------------------------------------------------------------
 # Config
@@ -53,110 +58,145 @@ def arg(default, help, **metadata):
 
 
 def check(ok, message):
-    """A user's mistake ends here, as one sentence: ValueError(message) unless ok."""
+    """Raise ValueError(message) unless ok: the one-line error that a user sees."""
     if not ok:
         raise ValueError(message)
 
 
 @dataclass
 class MixtralConfig:
-    """The shape of the network. Mixtral 8x7B is MixtralConfig(32000, 32768, 32, 32, 4096, 0.0, 1e-5, 8, 1e6,
-    mlp_hidden=14336, sliding_window=32768, n_expert=8, n_expert_per_token=2, router_aux_loss_coef=0.02)."""
+    """The shape of the network. Mixtral 8x7B is MixtralConfig(32000, 32768, 32, 32, 4096, 0.0,
+    1e-5, 8, 1e6, mlp_hidden=14336, sliding_window=32768, n_expert=8, n_expert_per_token=2,
+    router_aux_loss_coef=0.02)."""
 
-    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE tokenizer gets this size)")
-    block_size: int = arg(256, "training context: the tokens of each training window (the model takes any length)")
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE gets this size)")
+    block_size: int = arg(256, "training context: the tokens of each training window (the model "
+                          "takes any length)")
     n_layer: int = arg(6, "Transformer blocks")
     n_head: int = arg(8, "attention heads per block")
     n_embd: int = arg(256, "width of the residual stream; each head gets n_embd // n_head")
     dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
     norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
-    n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query heads (1: multi-query)")
-    rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns ~1 / rope_theta per position")
+    n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query "
+                         "heads (1: multi-query)")
+    rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns "
+                            "~1 / rope_theta per position")
     multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
-    mlp_hidden: int | None = arg(None, "each expert's hidden width (None: LLaMA's MLP width / n_expert_per_token)")
-    tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the head, as GPT-2")
-    sliding_window: int = arg(64, "attention's reach: each query sees the last sliding_window keys, its own included")
+    mlp_hidden: int | None = arg(None, "each expert's hidden width (None: LLaMA's MLP width / "
+                                 "n_expert_per_token)")
+    tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the "
+                               "head, as GPT-2")
+    sliding_window: int = arg(64, "attention's reach: each query sees the last sliding_window "
+                              "keys, its own included")
     n_expert: int = arg(8, "experts, SwiGLU MLPs of mlp_hidden each, in every block")
     n_expert_per_token: int = arg(2, "experts each token goes to (top-k): the active ones")
-    router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss in the training loss (0: none)")
+    router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss in the training "
+                                      "loss (0: none)")
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "multiple_of",
-                     "sliding_window", "n_expert", "n_expert_per_token"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                     "multiple_of", "sliding_window", "n_expert", "n_expert_per_token"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        check(self.n_embd // self.n_head % 2 == 0, "the head size n_embd // n_head must be even: RoPE turns pairs")
-        check(self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        check(self.n_embd % self.n_head == 0,
+              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check(self.n_embd // self.n_head % 2 == 0,
+              "the head size n_embd // n_head must be even: RoPE turns pairs")
+        check(self.n_head % self.n_kv_head == 0,
+              f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         check(self.rope_theta > 1, f"rope_theta must be greater than 1, got {self.rope_theta}")
-        if self.mlp_hidden is None:  # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2
-            self.mlp_hidden = self.multiple_of * math.ceil(int(8 * self.n_embd / 3) / self.multiple_of)
-            self.mlp_hidden //= self.n_expert_per_token  # a token's experts cost LLaMA's MLP, the active parameters
+        # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2.
+        if self.mlp_hidden is None:
+            hidden = int(8 * self.n_embd / 3)
+            self.mlp_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
+            # A token's experts cost LLaMA's MLP, the active parameters.
+            self.mlp_hidden //= self.n_expert_per_token
         value = self.mlp_hidden
-        check(isinstance(value, int) and value >= 1, f"mlp_hidden must be a positive integer, got {value!r}")
+        check(isinstance(value, int) and value >= 1,
+              f"mlp_hidden must be a positive integer, got {value!r}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
-        check(self.n_expert_per_token <= self.n_expert, f"n_expert_per_token must be <= n_expert ({self.n_expert})")
-        check(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        check(self.n_expert_per_token <= self.n_expert,
+              f"n_expert_per_token must be <= n_expert ({self.n_expert})")
+        check(self.router_aux_loss_coef >= 0,
+              f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 # -----------------------------------------------------------------------------
 # Model
 
-FUSED = True  # the fused SiLU and attention kernels; the tests switch them off to check they equal ours
+# The fused SiLU and attention kernels; the tests switch them off to check they equal ours.
+FUSED = True
 
 
 def silu(x):
-    """SiLU (Elfwing et al., 2017), or Swish (Ramachandran et al., 2017): x * sigmoid(x), SwiGLU's gate."""
+    """SiLU (Elfwing et al., 2017), or Swish (Ramachandran et al., 2017): x * sigmoid(x),
+    SwiGLU's gate."""
     return x * torch.sigmoid(x)
 
 
 class RMSNorm(nn.Module):
-    """Root mean square normalisation (Zhang and Sennrich, 2019): LayerNorm without re-centring or bias."""
+    """Root mean square normalisation (Zhang and Sennrich, 2019): LayerNorm without
+    re-centring or bias."""
 
     def __init__(self, n_embd, eps):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(n_embd))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
 
-    def forward(self, x):  # in float32 even under bfloat16 autocast, as Hugging Face's LLaMA: a mean of squares
+    def forward(self, x):
+        # In float32 even under bfloat16 autocast, as Hugging Face's LLaMA: a mean of squares.
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns its feature
-    pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m, then back by n, is turning
-    by m - n: the score q_m . k_n depends on m - n only, and nothing is learned. Computed for the positions
-    asked, as far as the text goes: no table of block_size rows."""
+    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns
+    its feature pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m,
+    then back by n, is turning by m - n: the score q_m . k_n depends on m - n only, and
+    nothing is learned. Computed for the positions asked, as far as the text goes: no table of
+    block_size rows."""
 
     def __init__(self, config):
         super().__init__()
         head_size = config.n_embd // config.n_head
-        inv_freq = config.rope_theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs / 2,)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # not persistent: no checkpoint needs it
+        pairs = torch.arange(0, head_size, 2, dtype=torch.float64)
+        inv_freq = config.rope_theta ** (-pairs / head_size)  # (hs / 2,)
+        # Not persistent: no checkpoint needs it.
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, start, T):  # cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1
-        positions = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)  # exact to 2^24
-        angles = positions[:, None] * self.inv_freq.float()  # (T, hs / 2): in float32 whatever the model's dtype
-        angles = torch.cat([angles, angles], dim=-1)  # (T, head_size): features i and i + hs / 2 pair up
-        return angles.cos().to(self.inv_freq.dtype), angles.sin().to(self.inv_freq.dtype)
+    def forward(self, start, T):
+        """cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1."""
+        device = self.inv_freq.device
+        # float32 positions are exact to 2^24.
+        positions = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        # (T, hs / 2): in float32 whatever the model's dtype
+        angles = positions[:, None] * self.inv_freq.float()
+        # (T, head_size): features i and i + hs / 2 pair up.
+        angles = torch.cat([angles, angles], dim=-1)
+        dtype = self.inv_freq.dtype
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin, x2 cos + x1 sin). Which
-    features pair up is a convention; the two are one model, up to the order of each head's rows in q_proj and
-    k_proj (evens, then odds: how Hugging Face's conversion script turns Meta's weights into theirs).
+    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin,
+    x2 cos + x1 sin). Which features pair up is a convention; the two are one model, up to
+    the order of each head's rows in q_proj and k_proj (evens, then odds: how Hugging Face's
+    conversion script turns Meta's weights into theirs).
         Meta's code:          (x0 x1) (x2 x3) (x4 x5) (x6 x7)   neighbours, as complex numbers
-        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, x1 with x5, ..."""
+        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, ..."""
     x1, x2 = x.chunk(2, dim=-1)  # each (B, heads, T, head_size / 2)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, heads, T, head_size)
 
 
-# The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for sliding_window = W (its
-# masking_utils keeps key j for query i where j > i - W, and j <= i): query i sees the keys i - W < j <= i,
-# W of them, its own included. Stacked layers reach further: layer 1's output at j already mixes the tokens
-# back to j - (W - 1), so layer 2's at i mixes those back to i - 2 (W - 1), and the last layer's logits see
-# n_layer * (W - 1) positions back, as a deep CNN's receptive field grows with depth.
+# The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for
+# sliding_window = W (its masking_utils keeps key j for query i where j > i - W, and j <= i):
+# query i sees the keys i - W < j <= i, W of them, its own included. Stacked layers reach
+# further: layer 1's output at j already mixes the tokens back to j - (W - 1), so layer 2's at i
+# mixes those back to i - 2 (W - 1), and the last layer's logits see n_layer * (W - 1) positions
+# back, as a deep CNN's receptive field grows with depth.
 
 
 def attention(q, k, v, window, dropout_p=0.0):
@@ -164,79 +204,101 @@ def attention(q, k, v, window, dropout_p=0.0):
     queries q (B, n_head, T, head_size) of the last T of the T_k positions whose keys and
     values k, v (B, n_head, T_k, head_size) hold: query i, at T_k - T + i, sees the last
     `window` keys up to its own, T_k - T + i - window < j <= T_k - T + i."""
-    T, T_k = q.size(-2), k.size(-2)
-    if FUSED and T in (1, T_k) and T_k <= window:  # the window cuts nothing: the causal mask, or none for one token
+    T = q.size(-2)
+    T_k = k.size(-2)
+    # One kernel where the window cuts nothing: the causal mask, or none for one token.
+    if FUSED and T in (1, T_k) and T_k <= window:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)  # (T, T_k)
+    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
     band = causal.triu(diagonal=T_k - T - window + 1)  # (T, T_k): and within the window
     if FUSED:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_k)
     att = F.softmax(att.masked_fill(~band, float("-inf")), dim=-1)
-    att = F.dropout(att, dropout_p)  # GPT-2's attention dropout: on the weights
+    # GPT-2's attention dropout: on the weights.
+    att = F.dropout(att, dropout_p)
     return att @ v  # (B, n_head, T, head_size)
 
 
 class KVCache:
-    """Mistral's rolling buffer: the keys and values of the last W = sliding_window tokens, per layer, of the shared
-    heads only, in buffers (B, n_kv_head, W, head_size); position p goes to slot p % W, over position p - W, which
-    has left every later query's window. O(W) memory at any length. The next tokens are at positions pos, ..."""
+    """Mixtral's rolling buffer: the keys and values of the last W = sliding_window tokens, per
+    layer, of the shared heads only, in buffers (B, n_kv_head, W, head_size); position p goes
+    to slot p % W, over position p - W, which has left every later query's window. O(W) memory
+    at any length. The next tokens are at positions pos, ..."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_kv_head, config.sliding_window, config.n_embd // config.n_head)
+        head_size = config.n_embd // config.n_head
+        shape = (batch_size, config.n_kv_head, config.sliding_window, head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos, self.window = 0, config.sliding_window
+        self.pos = 0
+        self.window = config.sliding_window
 
     def update(self, layer, k, v):
-        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions pos, ..., pos + T - 1 and return the keys
-        and values they attend to (B, n_kv_head, T_k, head_size); Mixtral.forward advances pos once every layer has
-        stored. One token: the buffer itself, in slot order (one query's softmax ignores order). A chunk: the
-        cached last W - 1 positions, then its own, in position order, for attention's mask."""
-        W, T = self.window, k.size(2)
-        if T == 1:  # decoding: the ring as it is, min(pos + 1, W) slots, all in the window
-            self.k[layer][:, :, self.pos % W], self.v[layer][:, :, self.pos % W] = k[:, :, 0], v[:, :, 0]
+        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions pos, ..., pos + T - 1
+        and return the keys and values they attend to (B, n_kv_head, T_k, head_size);
+        Mixtral.forward advances pos once every layer has stored. One token: the buffer itself,
+        in slot order (one query's softmax ignores order). A chunk: the cached last W - 1
+        positions, then its own, in position order, for attention's mask."""
+        W = self.window
+        T = k.size(2)
+        # Decoding: the ring as it is, min(pos + 1, W) slots, all in the window.
+        if T == 1:
+            self.k[layer][:, :, self.pos % W] = k[:, :, 0]
+            self.v[layer][:, :, self.pos % W] = v[:, :, 0]
             return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
-        kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W  # slots, oldest first
+        # The slots of the last W - 1 positions, oldest first.
+        kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W
         k_all = torch.cat([self.k[layer][:, :, kept], k], dim=2)  # (B, n_kv_head, T_k, head_size)
         v_all = torch.cat([self.v[layer][:, :, kept], v], dim=2)  # (B, n_kv_head, T_k, head_size)
-        slots = torch.arange(self.pos, self.pos + T, device=k.device)[-W:] % W  # the chunk's last W positions
-        self.k[layer][:, :, slots], self.v[layer][:, :, slots] = k[:, :, -W:], v[:, :, -W:]
+        # The slots of the chunk's last W positions.
+        slots = torch.arange(self.pos, self.pos + T, device=k.device)[-W:] % W
+        self.k[layer][:, :, slots] = k[:, :, -W:]
+        self.v[layer][:, :, slots] = v[:, :, -W:]
         return k_all, v_all
 
 
 class CausalSelfAttention(nn.Module):
-    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of n_head / n_kv_head query heads
-    shares a key and value head (n_kv_head = n_head: GPT-2's multi-head; 1: multi-query), turned by RoPE."""
+    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of
+    n_head / n_kv_head query heads shares a key and value head (n_kv_head = n_head: GPT-2's
+    multi-head; 1: multi-query), turned by RoPE."""
 
     def __init__(self, config, layer):
         super().__init__()
-        self.n_head, self.n_kv_head, self.dropout = config.n_head, config.n_kv_head, config.dropout
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.dropout = config.dropout
         self.window = config.sliding_window
         self.layer = layer  # which layer of a KVCache is ours
+        kv_width = config.n_kv_head * (config.n_embd // config.n_head)
         self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * (config.n_embd // config.n_head), bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * (config.n_embd // config.n_head), bias=False)
-        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # joined heads -> residual stream
+        self.k_proj = nn.Linear(config.n_embd, kv_width, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_width, bias=False)
+        # joined heads -> residual stream
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.o_proj.residual_projection = True  # GPT-2's scaled init: see Mixtral._init_weights
 
     def forward(self, x, rope, kv_cache=None):
         B, T, C = x.size()  # batch, tokens, n_embd
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, head_size)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, head_size)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # turned by their positions; v is not
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        # Turned by their positions; v is not.
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, n_kv_head, T_k, head_size): cached + new
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, head_size)
-        y = attention(q, k, v, self.window, self.dropout if self.training else 0.0)  # (B, n_head, T, head_size)
+            # (B, n_kv_head, T_k, head_size): the cached keys and values, then the new ones
+            k, v = kv_cache.update(self.layer, k, v)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, self.window, dropout)  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side
         return F.dropout(self.o_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
-    """One expert: LLaMA's SwiGLU (Shazeer, 2020), w2(silu(w1(x)) * w3(x)), in Mixtral's names: w1 gate, w3 up."""
+    """One expert: LLaMA's SwiGLU (Shazeer, 2020), w2(silu(w1(x)) * w3(x)), in Mixtral's
+    names: w1 gate, w3 up."""
 
     def __init__(self, config):
         super().__init__()
@@ -248,31 +310,46 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate = self.w1(x)  # (tokens, mlp_hidden)
-        gate = F.silu(gate) if FUSED else silu(gate)  # how much of w3(x) passes, feature by feature
-        return F.dropout(self.w2(gate * self.w3(x)), self.dropout, self.training)  # (tokens, n_embd)
+        # How much of w3(x) passes, feature by feature.
+        gate = F.silu(gate) if FUSED else silu(gate)
+        x = self.w2(gate * self.w3(x))  # (tokens, n_embd)
+        return F.dropout(x, self.dropout, self.training)
+
+
+# An expert's tokens past PAD_ROWS are padded with zero rows to a multiple of it (MegaBlocks pads
+# to its block size): a CPU's bfloat16 matmul (oneDNN) compiles a kernel for each new shape, 2 to
+# 4 ms, and the counts change at every step.
+PAD_ROWS = 64
 
 
 def dispatch(x, chosen, weights, experts):
-    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen and weights (N, k) ->
-    (N, n_embd). The (token, expert) pairs sorted by expert, each expert runs once, on its own tokens: N * k
-    products, not N * n_expert. Dropless: Switch Transformer gives each expert capacity_factor * N * k /
-    n_expert slots (one matmul shape on TPUs) and drops the tokens past them, to the residual stream only."""
+    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen and
+    weights (N, k) -> (N, n_embd). The (token, expert) pairs sorted by expert, each expert runs
+    once, on its own tokens: N * k products, not N * n_expert. Dropless: Switch Transformer
+    gives each expert capacity_factor * N * k / n_expert slots (one matmul shape on TPUs) and
+    drops the tokens past them, to the residual stream only."""
     k = chosen.size(1)
     order = chosen.flatten().argsort(stable=True)  # (N * k,): the pairs, grouped by expert
     tokens = order // k  # (N * k,): each pair's token
-    counts = chosen.flatten().bincount(minlength=len(experts)).tolist()  # pairs per expert (a sync with the device)
-    inputs = x.index_select(0, tokens).split(counts)  # each expert's tokens, (count, n_embd); some maybe none
-    # Zero rows pad an expert's tokens past 64 to a multiple of 64 (MegaBlocks pads to its block size): a CPU's
-    # bfloat16 matmul (oneDNN) compiles a kernel for each new shape, 2 to 4 ms, and the counts change at every step.
-    padded = [F.pad(part, (0, 0, 0, -len(part) % 64)) if len(part) > 64 else part for part in inputs]
+    # Pairs per expert (a sync with the device).
+    counts = chosen.flatten().bincount(minlength=len(experts)).tolist()
+    # Each expert's tokens, (count, n_embd); some maybe none.
+    inputs = x.index_select(0, tokens).split(counts)
+    padded = []
+    for part in inputs:
+        if len(part) > PAD_ROWS:
+            part = F.pad(part, (0, 0, 0, -len(part) % PAD_ROWS))
+        padded.append(part)
     out = torch.cat([expert(part)[:count] for expert, part, count in zip(experts, padded, counts)])
     out = out * weights.flatten()[order, None]  # (N * k, n_embd), weighted by the router
-    return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))  # (N, n_embd): each token's k summed
+    # (N, n_embd): each token's k summed
+    return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))
 
 
 class SparseMoE(nn.Module):
-    """The sparse mixture of experts in the MLP's place: each token goes to the n_expert_per_token experts the
-    router scores best (transformers' softmax over all, renormalised over the chosen, gives the same weights)."""
+    """The sparse mixture of experts in the MLP's place: each token goes to the
+    n_expert_per_token experts the router scores best (transformers' softmax over all,
+    renormalised over the chosen, gives the same weights)."""
 
     def __init__(self, config):
         super().__init__()
@@ -281,26 +358,33 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
 
     def forward(self, x):
-        """x (B, T, n_embd) -> the experts' mix (B, T, n_embd), and the router logits (B * T, n_expert)."""
+        """x (B, T, n_embd) -> the experts' mix (B, T, n_embd), and the router logits
+        (B * T, n_expert)."""
         B, T, C = x.size()
         x = x.view(B * T, C)  # (B * T, n_embd): each token routed on its own
-        with torch.autocast(x.device.type, enabled=False):  # float32 under autocast, for a stable routing:
-            router_logits = self.gate(x)  # (B * T, n_expert)     Switch Transformer's "selective precision"
+        # float32 under autocast, for a stable routing: Switch Transformer's "selective
+        # precision".
+        with torch.autocast(x.device.type, enabled=False):
+            router_logits = self.gate(x)  # (B * T, n_expert)
         scores, chosen = router_logits.topk(self.n_expert_per_token, dim=-1)  # (B * T, k) each
         weights = F.softmax(scores, dim=-1)  # (B * T, k): over the chosen experts only
         return dispatch(x, chosen, weights, self.experts).view(B, T, C), router_logits
 
 
 def load_balancing_loss(router_logits, k):
-    """Switch Transformer's auxiliary loss (Fedus et al., 2022, eqs. 4-6) as transformers' Mixtral computes it:
-    n_expert * sum_i f_i * P_i over all layers' tokens together, f_i the fraction of tokens with expert i in
-    their top k, P_i its mean router probability; k when even. Pooled, layers collapsed onto different experts
-    look even (Switch Transformer's is per layer). router_logits (n_layer, N, n_expert) -> the loss, and each
-    layer's expert shares f_i / k (n_layer, n_expert)."""
+    """Switch Transformer's auxiliary loss (Fedus et al., 2022, eqs. 4-6) as transformers'
+    Mixtral computes it: n_expert * sum_i f_i * P_i over all layers' tokens together, f_i the
+    fraction of tokens with expert i in their top k, P_i its mean router probability; k when
+    even. Pooled, layers collapsed onto different experts look even (Switch Transformer's is
+    per layer). router_logits (n_layer, N, n_expert) -> the loss, and each layer's expert
+    shares f_i / k (n_layer, n_expert)."""
     n_layer, N, n_expert = router_logits.size()
     probs = F.softmax(router_logits, dim=-1)  # (n_layer, N, n_expert)
-    counts = F.one_hot(probs.topk(k, dim=-1).indices, n_expert).sum(dim=(1, 2)).to(probs.dtype)  # (n_layer, n_expert)
-    if dist.is_initialized():  # under DDP, f of all processes' tokens: the gradients DDP averages are one batch's
+    top_k = probs.topk(k, dim=-1).indices  # (n_layer, N, k)
+    # (n_layer, n_expert): the tokens that have each expert in their top k
+    counts = F.one_hot(top_k, n_expert).sum(dim=(1, 2)).to(probs.dtype)
+    # Under DDP, f of all processes' tokens: the gradients DDP averages are one batch's.
+    if dist.is_initialized():
         dist.all_reduce(counts)
         N *= dist.get_world_size()
     f = counts.sum(dim=0) / (n_layer * N)  # (n_expert,): sums to k; no gradient flows through it
@@ -308,7 +392,8 @@ def load_balancing_loss(router_logits, k):
 
 
 class Block(nn.Module):
-    """One Transformer layer, Pre-norm as GPT-2's: x + Attn(RMSNorm(x)), then x + MoE(RMSNorm(x))."""
+    """One Transformer layer, Pre-norm as GPT-2's: x + Attn(RMSNorm(x)), then
+    x + MoE(RMSNorm(x))."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -324,30 +409,40 @@ class Block(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0 (and near 0), else
-    drawn by softmax(logits / temperature) among the top_k likeliest, of those the fewest holding top_p.
-    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or top_p out of range."""
-    check(0 <= temperature < math.inf, f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0
+    (and near 0), else drawn by softmax(logits / temperature) among the top_k likeliest, and
+    of those the fewest that hold top_p of the probability.
+
+    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or
+    top_p out of range.
+    """
+    check(0 <= temperature < math.inf,
+          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
     check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits - logits.max(dim=-1, keepdim=True).values  # the likeliest at 0: near 0, the others go to -inf
-    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)  # not NaN: a float32 of 1e-39 would be 0
+    # The likeliest at 0, so that near temperature 0 the others go to -inf, never NaN;
+    # and a float32 temperature of 1e-39 would be 0, hence the smallest positive float.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
     if top_p is not None and top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # those before hold top_p; the first stays
+        # Drop a token once those before it hold top_p; the first always stays.
+        held_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        dropped = held_before >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
     return torch.multinomial(probs, num_samples=1)
 
 
 class Mixtral(nn.Module):
-    """The language model: a token embedding, n_layer blocks, a final RMSNorm, and a head that turns
-    each position's vector into logits over the next token. Positions enter only as RoPE's turns."""
+    """The language model: a token embedding, n_layer blocks, a final RMSNorm, and a head that
+    turns each position's vector into logits over the next token. Positions enter only as
+    RoPE's turns."""
 
     def __init__(self, config):
         super().__init__()
@@ -359,27 +454,34 @@ class Mixtral(nn.Module):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:  # as GPT-2; Mistral's head is apart: vocab_size * n_embd parameters, little at 7B
+        # Tied as GPT-2's, or Mixtral's own head: vocab_size * n_embd parameters, little at 7B.
+        if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual projections, as the
-        stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's init leave that scaling out)."""
+        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual
+        projections, as the stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's
+        init leave that scaling out)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if hasattr(module, "residual_projection") else 0.02
+            std = 0.02
+            if hasattr(module, "residual_projection"):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_params(self, active=False):
-        """Parameters to train (the tied head and token embedding count once), or those one token uses
-        (active): n_expert_per_token of each layer's n_expert experts."""
+        """Parameters to train (the tied head and token embedding count once), or those one token
+        uses (active): n_expert_per_token of each layer's n_expert experts."""
         config = self.config
-        idle = config.n_layer * (config.n_expert - config.n_expert_per_token) * 3 * config.n_embd * config.mlp_hidden
+        idle_experts = config.n_layer * (config.n_expert - config.n_expert_per_token)
+        idle = idle_experts * 3 * config.n_embd * config.mlp_hidden
         return sum(p.numel() for p in self.parameters()) - (idle if active else 0)
 
     def balance(self):
-        """The last forward's aux_loss, smallest and largest expert share in any layer (1 / n_expert: even), (3,)."""
-        return torch.stack([self.aux_loss.detach(), self.expert_share.min(), self.expert_share.max()])
+        """The last forward's aux_loss, smallest and largest expert share in any layer
+        (1 / n_expert: even), (3,)."""
+        shares = self.expert_share
+        return torch.stack([self.aux_loss.detach(), shares.min(), shares.max()])
 
     @classmethod
     def from_pretrained(cls, folder):
@@ -387,12 +489,14 @@ class Mixtral(nn.Module):
         return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """Logits (B, T, vocab_size) for the token ids idx (B, T), T of any length, and, given targets (B, T), the
-        mean cross-entropy + router_aux_loss_coef * aux_loss (else None); keeps this forward's aux_loss, unscaled,
-        and expert_share. With a kv_cache, idx are the tokens after the cached ones, at positions kv_cache.pos, ..."""
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), T of any length, and, given
+        targets (B, T), the mean cross-entropy + router_aux_loss_coef * aux_loss (else None);
+        keeps this forward's aux_loss, unscaled, and expert_share. With a kv_cache, idx are the
+        tokens after the cached ones, at positions kv_cache.pos, ..."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
-        rope = self.model.rotary_emb(start, T)  # cos, sin (T, head_size): the turns of positions start, ...
+        # cos, sin (T, head_size): the turns of positions start, ..., start + T - 1
+        rope = self.model.rotary_emb(start, T)
         x = self.model.embed_tokens(idx)  # (B, T, n_embd)
         x = F.dropout(x, self.config.dropout, self.training)
         routing = []  # each layer's router logits (B * T, n_expert)
@@ -401,41 +505,52 @@ class Mixtral(nn.Module):
             routing.append(router_logits)
         if kv_cache is not None:
             kv_cache.pos += T
-        self.aux_loss, self.expert_share = load_balancing_loss(torch.stack(routing), self.config.n_expert_per_token)
+        k = self.config.n_expert_per_token
+        self.aux_loss, self.expert_share = load_balancing_loss(torch.stack(routing), k)
         logits = self.lm_head(self.model.norm(x))  # (B, T, vocab_size)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + \
-            self.config.router_aux_loss_coef * self.aux_loss
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = loss + self.config.router_aux_loss_coef * self.aux_loss
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True):
         """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], dim=1)
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each step runs
-        the whole text so far, uncropped; with it, the first runs the prompt in chunks of sliding_window
-        tokens (chunked prefill), the others one token each.
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True):
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
+        step runs the whole text so far, uncropped; with it, the first runs the prompt in chunks
+        of sliding_window tokens (chunked prefill), the others one token each.
 
-        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the cropped window at
-        each step: there a query sees every token before it, so cropping the oldest changes every key and
-        value from the second layer on. Here a query never sees further back than sliding_window, and
-        RoPE's scores depend on distances only: a key or value, once computed, stays the full forward's
-        at any length, and the rolling cache computes exactly the uncropped model.
+        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the cropped
+        window at each step: there a query sees every token before it, so cropping the oldest
+        changes every key and value from the second layer on. Here a query never sees further
+        back than sliding_window, and RoPE's scores depend on distances only: a key or value,
+        once computed, stays the full forward's at any length, and the rolling cache computes
+        exactly the uncropped model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()
         check(T > 0, "generation needs at least one token to start from")
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
-        kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        kv_cache = None
+        if use_cache:
+            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
         W = self.config.sliding_window
         for t in range(T, T + max_new_tokens):  # t: tokens so far
             if kv_cache is None:
                 logits, _ = self(tokens[:, :t])  # (B, t, vocab_size): the whole text, uncropped
-            else:  # the tokens not cached yet, W at a time: the prompt in chunks, then one per step
+            # The tokens not cached yet, W at a time: the prompt in chunks, then one per step.
+            else:
                 for start in range(kv_cache.pos, t, W):
-                    logits, _ = self(tokens[:, start : min(start + W, t)], kv_cache=kv_cache)  # (B, <= W, vocab_size)
+                    chunk = tokens[:, start : min(start + W, t)]  # (B, <= W)
+                    logits, _ = self(chunk, kv_cache=kv_cache)
             tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
             yield tokens[:, t : t + 1]
 
@@ -452,15 +567,19 @@ def load_tokens(path):
 def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
     """Random windows: inputs x (B, block_size) and targets y, x shifted one token ahead.
     Every process draws all processes' starts and keeps its share: one generator state."""
-    starts = torch.randint(len(tokens) - block_size, (world_size * batch_size,), generator=generator)
-    window = tokens[starts[rank * batch_size : (rank + 1) * batch_size, None] + torch.arange(block_size + 1)].long()
+    n_starts = world_size * batch_size
+    starts = torch.randint(len(tokens) - block_size, (n_starts,), generator=generator)
+    ours = starts[rank * batch_size : (rank + 1) * batch_size]  # (B,)
+    offsets = torch.arange(block_size + 1)  # (block_size + 1,)
+    window = tokens[ours[:, None] + offsets].long()  # (B, block_size + 1)
     return window[:, :-1], window[:, 1:]
 
 
 def sequential_batches(tokens, batch_size, block_size):
     """(x, y) as get_batch's, predicting every token once, in order: windows overlapping by one."""
     n_full = (len(tokens) - 1) // block_size
-    x, y = (tokens[i : i + n_full * block_size].long().view(n_full, block_size) for i in (0, 1))
+    x = tokens[: n_full * block_size].long().view(n_full, block_size)
+    y = tokens[1 : n_full * block_size + 1].long().view(n_full, block_size)
     for first in range(0, n_full, batch_size):
         yield x[first : first + batch_size], y[first : first + batch_size]
     rest = tokens[n_full * block_size :].long()
@@ -471,18 +590,27 @@ def sequential_batches(tokens, batch_size, block_size):
 # -----------------------------------------------------------------------------
 # Training
 
+# Under torchrun, this process's rank and the number of processes (DDP); else 0 and 1.
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+
 
 def duration(text):
     """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
-    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]] if text[-1:] in ("s", "m", "h") else float(text)
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
 
 
 @dataclass
 class TrainConfig:
     """How to train: data, optimisation, schedule, bookkeeping."""
 
-    data: str = field(default_factory=bpe.default_data_dir, metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
-    out_dir: str = arg(f"checkpoints/{MODEL}", "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+    data: str = field(default_factory=bpe.default_data_dir,
+                      metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
+    out_dir: str = arg(f"checkpoints/{MODEL}",
+                       "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
     lr: float = arg(3e-3, "peak learning rate, reached at the end of warmup")
     warmup_iters: int = arg(150, "steps of linear warmup")
@@ -491,52 +619,71 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
     eval_iters: int = arg(10, "batches per split in each evaluation")
-    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h (see get_lr)", type=duration)
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h "
+                                 "(see get_lr)", type=duration)
     seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, else cpu)")
-    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where the hardware has it)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, "
+                      "else cpu)")
+    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where "
+                     "the hardware has it)")
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue the run in out_dir")
-    init_from: str | None = arg(None, "a Hugging Face Mixtral folder to start from, instead of random weights")
+    init_from: str | None = arg(None, "a Hugging Face Mixtral folder to start from, instead of "
+                                "random weights")
 
     def __post_init__(self):
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_iters", "weight_decay", "grad_clip"):
-            check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            check(value >= 0, f"{name} must not be negative, got {value}")
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(self.max_time is None or 0 < self.max_time < 1e9, f"max_time must be in (0s, 1e9s), got {self.max_time}")
-        check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+        check(self.max_time is None or 0 < self.max_time < 1e9,
+              f"max_time must be in (0s, 1e9s), got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"),
+              f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
 
 
 def configure_optimizer(model, cfg, device):
     """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas (0.9, 0.95), decaying
     only the weight matrices: pulling biases and norm gains to zero fights their purpose."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def get_lr(step, cfg, elapsed=0.0):
-    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to cfg.lr / 10 at max_iters.
-    Under a time budget, warmup still counts steps and the decay ends at step / elapsed * max_time (elapsed: seconds
-    trained, > 0): the steps the budget allows at the rate so far. A budget shorter than the warmup ends in it."""
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to
+    cfg.lr / 10 at max_iters.
+
+    Under a time budget the warmup still counts steps, and the decay ends at step / elapsed *
+    max_time (elapsed: seconds trained, > 0): the steps that the budget allows at the rate so
+    far. A budget shorter than the warmup ends in it.
+    """
     max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))  # 0 -> 1
-    return cfg.lr / 10 + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr / 10)
+    decay_iters = max(1, max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_iters)  # 0 -> 1
+    min_lr = cfg.lr / 10
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, autocast, rank=0, world_size=1):
-    """One optimizer step on a random batch (under DDP, backward() averages over processes)."""
-    x, y = get_batch(tokens, cfg.batch_size, config.block_size, batch_generator, rank, world_size)
+def train_step(model, optimizer, x, y, grad_clip, autocast):
+    """One optimizer step on the batch x, y (B, T); under DDP, backward() averages the
+    gradients over processes. Returns the loss, on the device."""
     with autocast:
-        _, loss = model(x.to(device), y.to(device))
+        _, loss = model(x, y)
     loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -544,8 +691,9 @@ def train_step(model, optimizer, tokens, cfg, config, batch_generator, device, a
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the targets'
-    text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves model training."""
+    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
+    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves
+    the model training."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
@@ -559,14 +707,36 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
     if dist.is_initialized():
         dist.all_reduce(totals)
     nats, n_tokens, n_chars = totals.tolist()
-    return nats / n_tokens, nats / math.log(2) / n_chars if n_chars else float("nan")
+    bpc = nats / math.log(2) / n_chars if n_chars else float("nan")
+    return nats / n_tokens, bpc
 
 
-def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=0.0, max_time=None):
-    """All --resume needs (config as a plain dict, the clock, the tokenizer's fingerprint), written atomically."""
-    checkpoint = {"model": MODEL, "config": asdict(model.config), "tokenizer": tok.fingerprint, "step": step,
-                  "weights": model.state_dict(), "optimizer": optimizer.state_dict(), "elapsed": elapsed,
-                  "max_time": max_time, "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}}
+@dataclass
+class Run:
+    """A run in training, as its checkpoint keeps it."""
+
+    model: nn.Module  # the plain model, not compiled or wrapped
+    optimizer: torch.optim.Optimizer
+    tok: bpe.Tokenizer
+    batches: torch.Generator  # draws the training batches
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, earlier sessions included
+
+
+def save_checkpoint(path, run, max_time=None):
+    """Write all that --resume needs, atomically, as plain data."""
+    rng = {"torch": torch.get_rng_state(), "batches": run.batches.get_state()}
+    checkpoint = {
+        "model": MODEL,
+        "config": asdict(run.model.config),
+        "tokenizer": run.tok.fingerprint,
+        "step": run.step,
+        "weights": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "elapsed": run.elapsed,
+        "max_time": max_time,
+        "rng": rng,
+    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
@@ -576,140 +746,235 @@ def save_checkpoint(path, model, optimizer, step, tok, batch_generator, elapsed=
 
 def load_checkpoint(path):
     """The run at path (ckpt.pt, tokenizer.json beside it): Mixtral, tokenizer, checkpoint dict.
-    Refused in one sentence if missing, unreadable, incomplete, or of another model or tokenizer."""
-    check(path.is_file(), f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
-    try:  # tensors and plain data only (weights_only): no code runs from the file
+    Refused in one sentence if missing, unreadable, incomplete, or of another model or
+    tokenizer."""
+    check(path.is_file(),
+          f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    # Tensors and plain data only (weights_only): no code runs from the file.
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...: each fails its own way
+    except Exception:  # a truncated zip, a foreign pickle, ...
         raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
     kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}" if kind else f"{path} is no checkpoint")
+    check(kind, f"{path} is no checkpoint")
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}")
     missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
     check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
     tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
-    check(checkpoint["tokenizer"] == tok.fingerprint, f"{path} was trained with another tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint,
+          f"{path} was trained with another tokenizer.json")
     try:
         model = Mixtral(MixtralConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["weights"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
-    check(all(p.isfinite().all() for p in model.parameters()), f"{path} holds NaN or inf weights: its run diverged")
+    finite = all(p.isfinite().all() for p in model.parameters())
+    check(finite, f"{path} holds NaN or inf weights: its run diverged")
     return model, tok, checkpoint
+
+
+def restore(run, checkpoint, path):
+    """Continue run from a checkpoint of the same shape."""
+    ours = asdict(run.model.config)
+    theirs = checkpoint["config"]
+    differ = ", ".join(name for name in ours if theirs.get(name) != ours[name])
+    check(not differ, f"{path} has another shape ({differ}): give the same flags to resume")
+    run.model.load_state_dict(checkpoint["weights"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.batches.set_state(checkpoint["rng"]["batches"])
+    run.step = checkpoint["step"]
+    run.elapsed = checkpoint.get("elapsed", 0.0)
 
 
 def pick_device(name, local_rank=0):
     """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
-    kinds = ["cpu", torch.accelerator.current_accelerator().type] if torch.accelerator.is_available() else ["cpu"]
-    name = kinds[-1] if name == "auto" else name
+    kinds = ["cpu"]
+    if torch.accelerator.is_available():
+        kinds.append(torch.accelerator.current_accelerator().type)
+    if name == "auto":
+        name = kinds[-1]
     check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
 
 
-def train(config, cfg):
-    """Train a Mixtral of shape `config` on cfg.data into cfg.out_dir; under torchrun, one process per device (DDP)."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    log = print if rank == 0 else lambda *args: None
-    out_dir, ckpt_path, csv_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.csv"
-    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None  # fail before any work
-    check(cfg.resume or not ckpt_path.exists(), f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank != 0:  # process 0 makes the tokenizer and the token arrays, the others wait
-        dist.barrier()
-    vocab_size = None if (out_dir / "tokenizer.json").exists() else config.vocab_size  # a tokenizer there stays
-    tok, *paths = bpe.prepare_corpus(cfg.data, out_dir, vocab_size, log=log)
-    if world_size > 1 and rank == 0:
-        dist.barrier()
-    splits = {"train": load_tokens(paths[0]), "val": load_tokens(paths[1])}
-    config = config if cfg.init_from else replace(config, vocab_size=tok.vocab_size)  # a tiny text stops BPE early
-    for split, tokens in splits.items():
-        check(len(tokens) > config.block_size, f"the {split} split has {len(tokens)} tokens, too few for a window")
+def use_bfloat16(device, dtype):
+    """Whether to train with bfloat16 matmuls: asked for, or where the hardware has them."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(False)
+    cpu = torch.cpu.get_capabilities()
+    return device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = Mixtral(config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    batch_generator, step, past = torch.Generator().manual_seed(cfg.seed), 0, 0.0  # past: seconds trained before
-    if checkpoint:
-        check(checkpoint["config"] == asdict(config), f"{ckpt_path} has another shape: give the same flags to resume")
-        model.load_state_dict(checkpoint["weights"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        batch_generator.set_state(checkpoint["rng"]["batches"])
-        step, past = checkpoint["step"], checkpoint.get("elapsed", 0.0)
-        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))  # its budget, unless a new one
-        log(f"resuming from {ckpt_path} at step {step}")
-    elif cfg.init_from:  # fine-tuning: start from the released weights
-        load_pretrained_weights(model, cfg.init_from)
-    if not checkpoint and rank == 0:
-        csv_path.write_text("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s,aux_loss,"
-                            "min_expert_share,max_expert_share\n")
-    cpu = torch.cpu.get_capabilities()  # auto: bfloat16 matmuls where the hardware has them (CUDA, AVX512-BF16, AMX)
-    native = torch.cuda.is_bf16_supported(False) if device.type == "cuda" else (
-        device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16")))
-    bfloat16 = cfg.dtype == "bfloat16" or cfg.dtype == "auto" and native  # float32's range: no loss scaling
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)  # the rest stays float32
-    trained = torch.compile(model) if cfg.compile else model  # what the loop calls; model stays the plain Mixtral
-    if world_size > 1:
-        trained = DistributedDataParallel(trained)
-    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {model.num_params(active=True) / 1e6:.2f}M active "
-        f"per token, {config}\ntokens: {len(splits['train']):,} train, "
-        f"{len(splits['val']):,} val | {device}, {'bfloat16' if bfloat16 else 'float32'}, {world_size} process(es)")
-    char_counts = torch.tensor(tok.char_counts(), device=device)  # characters of each token, for bits per character
 
-    stop = []  # Ctrl-C asks to stop after this step and save a checkpoint; a second one aborts
+@contextmanager
+def ctrl_c_stops():
+    """Ctrl-C makes the yielded list non-empty: stop after this step and save."""
+    stop = []
+
     def request_stop(*signal_args):
         if stop:
             signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start, first_step, elapsed, stopping = time.time(), step, past, past >= (cfg.max_time or math.inf)  # one spent
     try:
-        while (cfg.max_time or step < cfg.max_iters) and not stopping:
-            lr = get_lr(step, cfg, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.time()
-            loss = train_step(trained, optimizer, splits["train"], cfg, config, batch_generator, device, autocast,
-                              rank, world_size)
-            balance = model.balance()  # this step's aux loss, smallest and largest expert share
-            step, elapsed = step + 1, past + time.time() - start
-            tokens_per_s = cfg.batch_size * config.block_size * world_size / (time.time() - step_start)
-            stopping = bool(stop) or elapsed > (cfg.max_time or math.inf)
-            status = torch.tensor([stopping, loss.item() / world_size, elapsed * (rank == 0)], device=device)
-            if world_size > 1:  # one process's stop or NaN stops all: the rest would wait for its gradients forever
-                dist.all_reduce(status)  # summed: a NaN or inf anywhere stays; process 0's clock sets every lr
-            (stopping, loss, elapsed), diverged = status.tolist(), f"loss not finite at step {step}: try a lower --lr"
-            check(math.isfinite(loss), diverged)  # from NaN or inf there is no way back; the last checkpoint stays
-            if step == first_step + 1 or step % 10 == 0:
-                log(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-                    f"balance: aux loss {balance[0]:.3f}, expert shares {balance[1]:.1%} to {balance[2]:.1%}")
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:  # evaluate, log, save
-                row = [step, lr]
-                for tokens in splits.values():  # the same batches each time, so that the numbers compare
-                    generator = torch.Generator().manual_seed(cfg.seed + 1)
-                    batches = (get_batch(tokens, cfg.batch_size, config.block_size, generator, rank, world_size)
-                               for _ in range(cfg.eval_iters))
-                    row += evaluate(trained, batches, char_counts, device, autocast)
-                per_step = (elapsed - past) / (step - first_step)  # seconds, in this process
-                eta = cfg.max_time - elapsed if cfg.max_time else (cfg.max_iters - step) * per_step
-                log(f"eval step {step}: train loss {row[2]:.4f}, {row[3]:.3f} bpc | val loss {row[4]:.4f}, "
-                    f"{row[5]:.3f} bpc | {tokens_per_s:,.0f} tok/s | elapsed {timedelta(seconds=round(elapsed))} | "
-                    f"ETA {timedelta(seconds=round(max(0, eta)))}")
-                check(all(map(math.isfinite, row)), diverged)  # finite loss, but the step's update was not
-                if rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, step, tok, batch_generator, elapsed, cfg.max_time)
-                    with open(csv_path, "a", newline="", encoding="utf-8") as f:
-                        csv.writer(f).writerow(row + [round(tokens_per_s), round(elapsed, 1)] + balance.tolist())
-        if world_size > 1:
-            dist.barrier()  # every process done before the group goes: one leaving early can abort another's exit
-        log(f"stopped by Ctrl-C at step {step}: saved {ckpt_path}; --resume continues" if stop else
-            f"done: {ckpt_path} is at step {step}")
+        yield stop
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        if world_size > 1:
+
+
+def prepare_data(config, cfg, log):
+    """The run's tokenizer and token arrays, and config with the tokenizer's vocab_size."""
+    if RANK != 0:
+        dist.barrier()
+    # A tokenizer already in the run's folder stays.
+    vocab_size = None if (Path(cfg.out_dir) / "tokenizer.json").exists() else config.vocab_size
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log)
+    if WORLD_SIZE > 1 and RANK == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(train_path), "val": load_tokens(val_path)}
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size,
+              f"the {split} split has {len(tokens)} tokens, too few for a window")
+    # A tiny text stops BPE early.
+    if not cfg.init_from:
+        config = replace(config, vocab_size=tok.vocab_size)
+    return config, tok, splits
+
+
+def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
+    """Evaluate both splits on the same batches each time, so that the numbers compare, and
+    log them; then (process 0) save the checkpoint and append a row to log.csv."""
+    block_size = run.model.config.block_size
+    char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
+    losses = []
+    for tokens in splits.values():
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        batches = (get_batch(tokens, cfg.batch_size, block_size, generator, RANK, WORLD_SIZE)
+                   for _ in range(cfg.eval_iters))
+        losses += evaluate(model, batches, char_counts, char_counts.device, autocast)
+    train_loss, train_bpc, val_loss, val_bpc = losses
+    eta = (cfg.max_iters - run.step) * run.elapsed / run.step  # seconds
+    if cfg.max_time:
+        eta = cfg.max_time - run.elapsed
+    if RANK == 0:
+        print(f"eval step {run.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
+              f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
+              f"elapsed {timedelta(seconds=round(run.elapsed))} | "
+              f"ETA {timedelta(seconds=round(max(0, eta)))}")
+    # A finite loss can come from weights that the step's update made NaN: no save then.
+    check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
+    if RANK == 0:
+        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
+        row = [run.step, lr, *losses, round(tokens_per_s), round(run.elapsed, 1)]
+        # This step's aux loss, smallest and largest expert share.
+        row += run.model.balance().tolist()
+        with open(Path(cfg.out_dir) / "log.csv", "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(row)
+
+
+def train_loop(run, model, splits, cfg, autocast, log):
+    """Train run.model through model (itself, compiled or wrapped) until max_iters, the time
+    budget or Ctrl-C, evaluating and saving every eval_interval steps."""
+    block_size = run.model.config.block_size
+    device = run.model.lm_head.weight.device
+    first_step = run.step
+    past = run.elapsed  # seconds trained before this session
+    start = time.time()
+    budget = cfg.max_time or math.inf
+    stopping = past >= budget  # a budget spent already
+    with ctrl_c_stops() as stop:
+        while (cfg.max_time or run.step < cfg.max_iters) and not stopping:
+            lr = get_lr(run.step, cfg, run.elapsed)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            x, y = get_batch(splits["train"], cfg.batch_size, block_size, run.batches, RANK,
+                             WORLD_SIZE)
+            loss = train_step(model, run.optimizer, x.to(device), y.to(device), cfg.grad_clip,
+                              autocast)
+            run.step += 1
+            tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
+            elapsed = past + time.time() - start
+            stopping = bool(stop) or elapsed > budget
+            # One process's stop or NaN stops all: the rest would wait for its gradients forever.
+            # The sum keeps a NaN or inf; process 0's clock sets every process's lr.
+            status = [stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)]
+            status = torch.tensor(status, device=device)
+            if WORLD_SIZE > 1:
+                dist.all_reduce(status)
+            stopping, loss, run.elapsed = status.tolist()
+            # From NaN or inf there is no way back; the last checkpoint stays.
+            check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
+            if run.step == first_step + 1 or run.step % 10 == 0:
+                aux_loss, low, high = run.model.balance().tolist()
+                log(f"step {run.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s | balance: aux loss {aux_loss:.3f}, "
+                    f"expert shares {low:.1%} to {high:.1%}")
+            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters or stopping:
+                evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
+    return bool(stop)
+
+
+def train(config, cfg):
+    """Train a Mixtral of shape `config` on cfg.data into cfg.out_dir; under torchrun, one
+    process per device (DDP)."""
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    log = print if RANK == 0 else lambda *args: None
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # A bad checkpoint fails before any work.
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None
+    check(cfg.resume or not ckpt_path.exists(),
+          f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config, tok, splits = prepare_data(config, cfg, log)
+    # The same initial weights in every process.
+    torch.manual_seed(cfg.seed)
+    model = Mixtral(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    run = Run(model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
+    if checkpoint:
+        restore(run, checkpoint, ckpt_path)
+        # The run keeps its time budget, unless given a new one.
+        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
+        log(f"resuming from {ckpt_path} at step {run.step}")
+    elif cfg.init_from:
+        # Fine-tuning: start from the released weights.
+        load_pretrained_weights(model, cfg.init_from)
+    if not checkpoint and RANK == 0:
+        columns = ("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s,"
+                   "aux_loss,min_expert_share,max_expert_share")
+        (Path(cfg.out_dir) / "log.csv").write_text(columns + "\n")
+    bfloat16 = use_bfloat16(device, cfg.dtype)
+    # bfloat16 matmuls; the rest stays float32.
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    # What the loop calls; run.model stays the plain Mixtral, as checkpoints keep it.
+    trained = torch.compile(model) if cfg.compile else model
+    if WORLD_SIZE > 1:
+        trained = DistributedDataParallel(trained)
+    active = model.num_params(active=True)
+    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per "
+        f"token, {config}")
+    log(f"tokens: {len(splits['train']):,} train, {len(splits['val']):,} val | {device}, "
+        f"{'bfloat16' if bfloat16 else 'float32'}, {WORLD_SIZE} process(es)")
+    try:
+        stopped = train_loop(run, trained, splits, cfg, autocast, log)
+        if WORLD_SIZE > 1:
+            # Every process done before the group goes: one leaving early can abort another.
+            dist.barrier()
+    finally:
+        if WORLD_SIZE > 1:
             dist.destroy_process_group()
+    if stopped:
+        log(f"stopped by Ctrl-C at step {run.step}: saved {ckpt_path}; --resume continues")
+    else:
+        log(f"done: {ckpt_path} is at step {run.step}")
     return model
 
 
@@ -719,9 +984,11 @@ def train(config, cfg):
 
 def load_trained(out_dir, device, init_from=None, tokenizer=None):
     """The model and tokenizer of the run in out_dir, or of the Hugging Face folder init_from."""
-    check(init_from or not tokenizer, "--tokenizer goes with --init-from: a run's own tokenizer is in --out-dir")
+    check(init_from or not tokenizer,
+          "--tokenizer goes with --init-from: a run's own tokenizer is in --out-dir")
     if init_from:
-        model, tok = Mixtral.from_pretrained(init_from), pretrained_tokenizer(init_from, tokenizer)
+        model = Mixtral.from_pretrained(init_from)
+        tok = pretrained_tokenizer(init_from, tokenizer)
     else:
         model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
     return model.to(device).eval(), tok
@@ -731,26 +998,39 @@ def cmd_sample(args):
     """`sample`: stream generated text to stdout, the speed to stderr."""
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
-    check(tok or args.prompt_ids, "this model has no tokenizer: give --prompt-ids 1 2 3, or --tokenizer FILE")
-    check(not args.prompt_ids or not (args.prompt or args.prompt_file), "give --prompt or --prompt-ids, not both")
-    prompt = bpe.read_text(args.prompt_file) if args.prompt_file else args.prompt or ""
-    ids = args.prompt_ids or [tok.eot_id] + tok.encode(prompt)  # a text starts after <|endoftext|>
-    check(0 <= min(ids) <= max(ids) < model.config.vocab_size, f"--prompt-ids must be ids of the model, 0 to "
-          f"{model.config.vocab_size - 1}")
+    check(tok or args.prompt_ids,
+          "this model has no tokenizer: give --prompt-ids 1 2 3, or --tokenizer FILE")
+    check(not args.prompt_ids or not (args.prompt or args.prompt_file),
+          "give --prompt or --prompt-ids, not both")
+    prompt = args.prompt or ""
+    if args.prompt_file:
+        prompt = bpe.read_text(args.prompt_file)
+    # A text starts after <|endoftext|>.
+    ids = args.prompt_ids or [tok.eot_id] + tok.encode(prompt)
+    check(0 <= min(ids) <= max(ids) < model.config.vocab_size,
+          f"--prompt-ids must be ids of the model, 0 to {model.config.vocab_size - 1}")
     idx = torch.tensor([ids], device=device)
     torch.manual_seed(args.seed)
-    n_tokens, start = 0, time.time()
+    n_tokens = 0
+    start = time.time()
 
-    def new_ids():  # the sampled ids, up to <|endoftext|>
+    def new_ids():
+        """The sampled ids, up to <|endoftext|>."""
         nonlocal n_tokens
-        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.cache):
-            n_tokens, id = n_tokens + 1, token.item()  # one sync with the device per token
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p, args.cache):
+            n_tokens += 1
+            id = token.item()  # one sync with the device per token
             if tok and id == tok.eot_id:
                 return
             yield id
 
-    print(prompt if not args.prompt_ids else tok.decode(ids) if tok else " ".join(map(str, ids)), end="")
-    for text in tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids()):  # text, or ids
+    # Text, or without a tokenizer the ids.
+    if args.prompt_ids:
+        prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
+    print(prompt, end="")
+    pieces = tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids())
+    for text in pieces:
         print(text, end="", flush=True)
     print()
     print(f"{n_tokens} tokens in {time.time() - start:.2f}s", file=sys.stderr)
@@ -759,18 +1039,32 @@ def cmd_sample(args):
 # -----------------------------------------------------------------------------
 # Pretrained weights: Hugging Face's Mixtral in
 #
-# Hugging Face publishes Mixtral models as a folder: config.json (the shape), model.safetensors
-# or pytorch_model.bin (the weights) and a tokenizer. Our module names and nn.Linear's (out, in) layout
-# are theirs: loading is a plain copy. Their tokenizers (SentencePiece, tiktoken) are not read here:
-# such a model takes and gives token ids (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
+# Hugging Face publishes Mixtral models as a folder: config.json (the shape),
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer. Our module names and
+# nn.Linear's (out, in) layout are theirs: loading is a plain copy. Their tokenizers
+# (SentencePiece, tiktoken) are not read here: such a model takes and gives token ids
+# (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
 
-CONFIG_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "block_size",  # theirs: ours
-               "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
-               "rms_norm_eps": "norm_eps", "num_key_value_heads": "n_kv_head", "rope_theta": "rope_theta",
-               "intermediate_size": "mlp_hidden", "tie_word_embeddings": "tie_embeddings",
-               "sliding_window": "sliding_window", "num_local_experts": "n_expert",
-               "num_experts_per_tok": "n_expert_per_token", "router_aux_loss_coef": "router_aux_loss_coef"}
-SUPPORTED = {  # config.json's settings of Mixtral variants: the values mixtral.py computes, transformers' default first
+# Their config.json's keys: ours.
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "block_size",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "hidden_size": "n_embd",
+    "rms_norm_eps": "norm_eps",
+    "num_key_value_heads": "n_kv_head",
+    "rope_theta": "rope_theta",
+    "intermediate_size": "mlp_hidden",
+    "tie_word_embeddings": "tie_embeddings",
+    "sliding_window": "sliding_window",
+    "num_local_experts": "n_expert",
+    "num_experts_per_tok": "n_expert_per_token",
+    "router_aux_loss_coef": "router_aux_loss_coef",
+}
+# config.json's settings of Mixtral variants: the values mixtral.py computes, transformers' default
+# first.
+SUPPORTED = {
     "architectures": (["MixtralForCausalLM"],),
     "model_type": ("mixtral",),
     "hidden_act": ("silu",),  # SwiGLU's gate
@@ -788,62 +1082,93 @@ def config_from_pretrained(folder):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
     for key, computed in SUPPORTED.items():
-        check(hf.get(key, computed[0]) in computed, f"{path} sets {key} to {hf.get(key)!r}: mixtral.py computes "
-              f"{' or '.join(map(repr, computed))}")
-    for rope in (hf.get("rope_scaling"), hf.get("rope_parameters")):  # transformers' key before version 5, and since
+        values = " or ".join(map(repr, computed))
+        check(hf.get(key, computed[0]) in computed,
+              f"{path} sets {key} to {hf.get(key)!r}: mixtral.py computes {values}")
+    # transformers' key before version 5, and since
+    for rope in (hf.get("rope_scaling"), hf.get("rope_parameters")):
         check(not rope or rope.get("rope_type", rope.get("type")) in (None, "default"),
               f"{path} asks for RoPE scaling ({rope}), which mixtral.py does not compute")
-    hf = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 1e6,  # transformers' defaults,
-          "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001,
-          "num_key_value_heads": hf.get("num_attention_heads"), **hf, **(hf.get("rope_parameters") or {})}  # and 5's
-    check(CONFIG_KEYS.keys() <= hf.keys(), f"{path} lacks {', '.join(sorted(CONFIG_KEYS.keys() - hf.keys()))}")
-    if hf["sliding_window"] is None:  # no window (Mistral 7B v0.2 on): the same model as a window of all positions
+    # transformers' defaults, and version 5's rope_parameters
+    defaults = {
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+        "num_key_value_heads": hf.get("num_attention_heads"),
+    }
+    hf = {**defaults, **hf, **(hf.get("rope_parameters") or {})}
+    missing = ", ".join(sorted(CONFIG_KEYS.keys() - hf.keys()))
+    check(not missing, f"{path} lacks {missing}")
+    # No window (Mistral 7B v0.2 on): the same model as a window of all positions.
+    if hf["sliding_window"] is None:
         hf["sliding_window"] = hf["max_position_embeddings"]
     try:
         config = MixtralConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    check(hf.get("head_dim") in (None, config.n_embd // config.n_head), f"{path} sets head_dim to {hf['head_dim']}: "
+    check(hf.get("head_dim") in (None, config.n_embd // config.n_head),
+          f"{path} sets head_dim to {hf.get('head_dim')}: "
           "mixtral.py's is hidden_size / num_attention_heads")
     return config
 
 
 def load_pretrained_weights(model, folder):
-    """Copy a Hugging Face Mixtral folder's weights into `model`, a Mixtral of its shape: the same names,
-    a tied head perhaps stored once; RoPE's frequencies, which older transformers saved, left out."""
+    """Copy a Hugging Face Mixtral folder's weights into `model`, a Mixtral of its shape: the same
+    names, a tied head perhaps stored once; RoPE's frequencies, which older transformers saved,
+    left out."""
     path = Path(folder) / "model.safetensors"
-    path = path if path.is_file() else path.with_name("pytorch_model.bin")
-    check(path.is_file(), f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
-    try:  # .bin: tensors and plain data only (weights_only), no code run from the file
-        weights = safetensors.torch.load_file(path) if path.suffix == ".safetensors" else \
-            torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated, foreign, ...: each fails its own way
+    if not path.is_file():
+        path = path.with_name("pytorch_model.bin")
+    check(path.is_file(),
+          f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
+    # .bin: tensors and plain data only (weights_only), no code run from the file.
+    try:
+        if path.suffix == ".safetensors":
+            weights = safetensors.torch.load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, foreign, ...
         raise ValueError(f"{path} is corrupt: it cannot be read") from None
     check(isinstance(weights, dict), f"{path} holds no state dict of weights")
-    ours = {name: weight for name, weight in weights.items() if not name.endswith("rotary_emb.inv_freq")}
+    ours = {}
+    for name, weight in weights.items():
+        if not name.endswith("rotary_emb.inv_freq"):
+            ours[name] = weight
     if model.config.tie_embeddings and "model.embed_tokens.weight" in ours:
         ours["lm_head.weight"] = ours["model.embed_tokens.weight"]  # tied
+    # load_state_dict copies, converting float16 or bfloat16 to the model's float32.
     try:
-        model.load_state_dict(ours)  # copies, converting float16 / bfloat16 to the model's float32
+        model.load_state_dict(ours)
     except RuntimeError as e:  # names or shapes that config.json does not make
-        raise ValueError(f"{folder}'s weights do not fit Mixtral as its config.json describes it: {e}") from None
+        raise ValueError(f"{folder}'s weights do not fit Mixtral as its config.json describes it: "
+                         f"{e}") from None
     return model
 
 
 def pretrained_tokenizer(folder, path):
-    """The bpe.py tokenizer.json at path (--tokenizer) whose ids the Mixtral in folder knows; None without one."""
+    """The bpe.py tokenizer.json at path (--tokenizer) whose ids the Mixtral in folder knows;
+    None without one."""
     if path is None:
         return None
-    tok, vocab_size = bpe.Tokenizer.load(path), config_from_pretrained(folder).vocab_size
-    check(tok.vocab_size <= vocab_size, f"{path} has {tok.vocab_size} tokens, more than {folder}'s model's "
-          f"{vocab_size}: the tokenizer and the weights do not belong together")
+    tok = bpe.Tokenizer.load(path)
+    vocab_size = config_from_pretrained(folder).vocab_size
+    check(tok.vocab_size <= vocab_size,
+          f"{path} has {tok.vocab_size} tokens, more than {folder}'s model's {vocab_size}: "
+          "the tokenizer and the weights do not belong together")
     return tok
 
 
 def fine_tuning_config(folder, out_dir, dropout):
-    """`train --init-from`'s config, the folder's (with our dropout); the run's tokenizer.json is its."""
-    config, tok_path = config_from_pretrained(folder), Path(out_dir) / "tokenizer.json"
-    check(tok_path.exists(), f"train --init-from needs {tok_path}: the bpe.py tokenizer whose ids the model knows")
+    """`train --init-from`'s config, the folder's (with our dropout); the run's tokenizer.json
+    is its."""
+    config = config_from_pretrained(folder)
+    tok_path = Path(out_dir) / "tokenizer.json"
+    check(tok_path.exists(),
+          f"train --init-from needs {tok_path}: the bpe.py tokenizer whose ids the model knows")
     pretrained_tokenizer(folder, tok_path)
     return replace(config, dropout=dropout)
 
@@ -861,10 +1186,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_fields(parser, config_class, *names):
     """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
-    for f in [f for f in fields(config_class) if not names or f.name in names]:
-        kind = f.metadata.get("type") or (f.type if isinstance(f.type, type) else f.type.__args__[0])  # int | None: int
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        options = dict(action="store_true") if kind is bool else dict(type=kind, default=default)
+    for f in fields(config_class):
+        if names and f.name not in names:
+            continue
+        kind = f.type
+        if not isinstance(kind, type):
+            kind = kind.__args__[0]  # int | None converts with int
+        kind = f.metadata.get("type", kind)
+        default = f.default
+        if callable(f.default_factory):
+            default = f.default_factory()
+        options = dict(type=kind, default=default)
+        if kind is bool:
+            options = dict(action="store_true")
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
 
 
@@ -872,28 +1206,38 @@ def cmd_train(args):
     """`train`: the flags become a MixtralConfig and a TrainConfig."""
     config = MixtralConfig(**{f.name: getattr(args, f.name) for f in fields(MixtralConfig)})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.init_from:  # the pretrained model's shape replaces the flags'
+    # The pretrained model's shape replaces the flags'.
+    if cfg.init_from:
         config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
     train(config, cfg)
 
 
 def cmd_eval(args):
-    """`eval`: loss and bits per character on the run's validation split, another corpus's, or a file."""
+    """`eval`: loss and bits per character on the run's validation split, another corpus's,
+    or a file."""
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
-    check(tok, "eval --init-from needs --tokenizer FILE: a bpe.py tokenizer.json whose ids the model knows")
-    check(args.data or args.text or not args.init_from, "eval --init-from scores --data DIR or --text FILE")
+    check(tok, "eval --init-from needs --tokenizer FILE: a bpe.py tokenizer.json whose ids the "
+          "model knows")
+    check(args.data or args.text or not args.init_from,
+          "eval --init-from scores --data DIR or --text FILE")
     if args.text:
-        what, tokens = args.text, torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))  # as in .bin
+        what = args.text
+        # As in the .bin files: <|endoftext|> before the text.
+        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))
     elif args.data:  # a corpus's validation split, encoded with this tokenizer
-        what, docs = f"validation split of {args.data}", bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        what = f"validation split of {args.data}"
+        docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
         tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
     else:  # the run's own, as train encoded it
-        what, tokens = f"validation split of {args.out_dir}", load_tokens(Path(args.out_dir) / "val.bin")
-    loss, bpc = evaluate(model, sequential_batches(tokens, args.batch_size, model.config.block_size),
-                         torch.tensor(tok.char_counts(), device=device), device)
-    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character ({len(tokens) - 1:,} tokens)")
+        what = f"validation split of {args.out_dir}"
+        tokens = load_tokens(Path(args.out_dir) / "val.bin")
+    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    loss, bpc = evaluate(model, batches, char_counts, device)
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character "
+          f"({len(tokens) - 1:,} tokens)")
 
 
 def build_parser():
@@ -901,25 +1245,36 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, run, *run_fields):
-        sub = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = commands.add_parser(name, help=help,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(run=run)
         add_fields(sub, TrainConfig, *run_fields)
-        if "init_from" in run_fields:  # sample and eval
-            sub.add_argument("--tokenizer", help="with --init-from: a bpe.py tokenizer.json whose ids the model knows")
+        # sample and eval
+        if "init_from" in run_fields:
+            sub.add_argument("--tokenizer", help="with --init-from: a bpe.py tokenizer.json whose "
+                             "ids the model knows")
         return sub
 
     add_fields(command("train", "train a model", cmd_train), MixtralConfig)
-    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed", "device")
+    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed",
+                     "device")
     sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
     sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
-    sample.add_argument("--prompt-ids", type=int, nargs="+", help="the prompt as token ids (no tokenizer: ids out too)")
-    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    sample.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more random")
+    sample.add_argument("--prompt-ids", type=int, nargs="+",
+                        help="the prompt as token ids (no tokenizer: ids out too)")
+    sample.add_argument("--max-new-tokens", type=int, default=500,
+                        help="tokens to generate per sample")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
-    sample.add_argument("--top-p", type=float, help="sample from the likeliest tokens holding this probability")
-    sample.add_argument("--no-cache", dest="cache", action="store_false", help="generate without the KV-cache")
-    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from", "batch_size", "device")
-    eval_args.add_argument("--data", help="score this corpus's validation split (None: the run's own)")
+    sample.add_argument("--top-p", type=float,
+                        help="sample from the likeliest tokens holding this probability")
+    sample.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="generate without the KV-cache")
+    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
+                        "batch_size", "device")
+    eval_args.add_argument("--data",
+                           help="score this corpus's validation split (None: the run's own)")
     eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
     return parser
 
@@ -927,7 +1282,8 @@ def build_parser():
 def main(argv=None):
     """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
     args = build_parser().parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+    # UTF-8 whatever the console's code page, as in Python's UTF-8 mode.
+    for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)
