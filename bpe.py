@@ -38,25 +38,29 @@ import regex
 # digits (\p{N}), of other symbols, each optionally led by one space; then spaces,
 # whose last one `\s+(?!\S)` leaves to the next word, so " word" stays one chunk.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-EOT = "<|endoftext|>"  # separates documents; never produced from ordinary text
-MAX_VOCAB_SIZE = 2**16  # token arrays on disk hold 2 bytes per token
-NO_RANK = MAX_VOCAB_SIZE  # ranks are smaller: a pair that was never merged
+# Separates documents; ordinary text never produces it.
+EOT = "<|endoftext|>"
+# Token arrays on disk hold 2 bytes per token.
+MAX_VOCAB_SIZE = 2**16
+# The rank of a pair that was never merged: every real rank is smaller.
+NO_RANK = MAX_VOCAB_SIZE
 
 
 def count_chunks(texts, pattern=GPT2_PATTERN):
-    """{chunk: how often it occurs} over a list of texts cut by `pattern`, so
-    each distinct chunk is trained once. Large inputs use every core.
+    """Count how often each chunk occurs in a list of texts cut by `pattern`, so
+    that each distinct chunk is trained once. Large inputs use every core.
     >>> count_chunks(["a cat, a hat; a cat"])
     Counter({' cat': 2, ' a': 2, 'a': 1, ',': 1, ' hat': 1, ';': 1})"""
-    compiled, counts = regex.compile(pattern), Counter()
+    compiled = regex.compile(pattern)
+    counts = Counter()
     for text_counts in parallel_map(lambda text: Counter(compiled.findall(text)), texts):
         counts.update(text_counts)
     return counts
 
 
 def get_pair_counts(chunks):
-    """{(a, b): how often token a is directly followed by token b}, over chunks
-    given as {tuple of ids: how often the chunk occurs}.
+    """Count how often token a is directly followed by token b, as {(a, b): count},
+    over chunks given as {tuple of ids: how often the chunk occurs}.
     >>> get_pair_counts({(1, 2, 3): 1, (1, 2): 2})
     Counter({(1, 2): 3, (2, 3): 1})"""
     pair_counts = Counter()
@@ -70,7 +74,8 @@ def merge(ids, pair, new_id):
     """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`.
     >>> merge((1, 2, 3, 1, 2), (1, 2), 256), merge((5, 5, 5), (5, 5), 256)
     ((256, 3, 256), (256, 5))"""
-    out, i = [], 0
+    out = []
+    i = 0
     while i < len(ids):
         if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
             out.append(new_id)
@@ -82,19 +87,21 @@ def merge(ids, pair, new_id):
 
 
 def train_reference(chunk_counts, n_merges):
-    """BPE training as Sennrich et al. state it, on {chunk: count}: each chunk starts
-    as the tuple of its UTF-8 bytes; each round counts all adjacent pairs, picks the
+    """BPE training as Sennrich et al. state it, on {chunk: count}. Each chunk starts
+    as the tuple of its UTF-8 bytes. Each round counts all adjacent pairs, picks the
     most frequent (ties: the smallest (a, b), comparing a, then b) and merges it into
     a new id 256, 257, ... Returns the merges [(a, b), ...], fewer than n_merges if
-    every chunk becomes one token.
-    >>> train_reference({"aaab": 1, "ab": 2}, 3)  # a = 97, b = 98: ab, then aa, then aa+ab
+    every chunk becomes one token. With a = 97 and b = 98, it merges ab, then aa,
+    then aa+ab:
+    >>> train_reference({"aaab": 1, "ab": 2}, 3)
     [(97, 98), (97, 97), (257, 256)]"""
     chunks = {tuple(chunk.encode("utf-8")): n for chunk, n in chunk_counts.items()}
     merges = []
     while len(merges) < n_merges:
         pair_counts = get_pair_counts(chunks)
+        # Every chunk is a single token: nothing is left to merge.
         if not pair_counts:
-            break  # every chunk is a single token: nothing left to merge
+            break
         pair = min(pair_counts, key=lambda p: (-pair_counts[p], p))
         chunks = {merge(ids, pair, 256 + len(merges)): n for ids, n in chunks.items()}
         merges.append(pair)
@@ -119,7 +126,8 @@ def train_fast(chunk_counts, n_merges, log=None):
     `log` (e.g. print), if given, gets a progress line every few seconds."""
     chunks = [chunk.encode("utf-8").decode("latin-1") for chunk in chunk_counts]
     counts = list(chunk_counts.values())
-    pair_counts, where = defaultdict(int), defaultdict(set)
+    pair_counts = defaultdict(int)
+    where = defaultdict(set)
     for i, chunk in enumerate(chunks):
         for k in range(len(chunk) - 1):
             pair = chunk[k : k + 2]
@@ -127,7 +135,8 @@ def train_fast(chunk_counts, n_merges, log=None):
             where[pair].add(i)
     heap = [(-n, pair) for pair, n in pair_counts.items()]
     heapq.heapify(heap)
-    merges, last_log = [], time.time()
+    merges = []
+    last_log = time.time()
     while len(merges) < n_merges and heap:
         negative_count, pair = heapq.heappop(heap)
         count = pair_counts[pair]
@@ -152,11 +161,13 @@ def merge_everywhere(pair, new, chunks, counts, pair_counts, where):
     (a, b), (b, y) lose the chunk's count, (x, n), (n, y) gain it. Where occurrences
     touch ("a b a b" -> "n n"), (b, a) becomes (n, n), counted from the right one."""
     a, b = pair
-    created = defaultdict(int)  # counts of the new pairs, which all contain `new`
+    # The counts of the new pairs, which all contain `new`.
+    created = defaultdict(int)
     for i in where.pop(pair):
         chunk = chunks[i]
+        # The index is lazy: an earlier merge may have taken this occurrence.
         if pair not in chunk:
-            continue  # the index is lazy: an earlier merge took this occurrence
+            continue
         n = counts[i]
         merged = chunks[i] = chunk.replace(pair, new)
         k = merged.find(new)
@@ -183,18 +194,27 @@ def merge_everywhere(pair, new, chunks, counts, pair_counts, where):
 # GPT-2's vocab.json and merges.txt (and our tokenizer.json) write a token with one
 # printable stand-in per byte (GPT-2's bytes_to_unicode): printable Latin-1 bytes
 # stand for themselves, the others for U+0100, U+0101, ... So " cat" is "Ġcat".
-PRINTABLE = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+PRINTABLE = {
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
+}
 UNPRINTABLE = sorted(set(range(256)) - PRINTABLE)
-BYTE_STAND_INS = {**{b: chr(b) for b in PRINTABLE}, **{b: chr(256 + i) for i, b in enumerate(UNPRINTABLE)}}
+BYTE_STAND_INS = {
+    **{b: chr(b) for b in PRINTABLE},
+    **{b: chr(256 + i) for i, b in enumerate(UNPRINTABLE)},
+}
 STAND_IN_BYTES = {c: b for b, c in BYTE_STAND_INS.items()}
 
 
 def piece_to_bytes(piece):
-    """A token as vocab.json writes it -> its bytes ("Ġcat" -> b" cat"), or ValueError."""
+    """Return the bytes of a token as vocab.json writes it ("Ġcat" -> b" cat").
+    Raises ValueError if one of its characters stands for no byte."""
     try:
         return bytes(STAND_IN_BYTES[c] for c in piece)
     except KeyError as e:
-        raise ValueError(f"token {piece!r} has a character ({e.args[0]!r}) that stands for no byte") from None
+        raise ValueError(f"token {piece!r} has a character ({e.args[0]!r}) "
+                         f"that stands for no byte") from None
 
 
 class Tokenizer:
@@ -205,25 +225,33 @@ class Tokenizer:
 
     def __init__(self, merges, special_tokens=None, pattern=GPT2_PATTERN, vocab=None):
         self.merges = [tuple(pair) for pair in merges]
-        if vocab is None:  # as this project numbers tokens: the bytes, then the merges
+        # Unless given, number tokens as this project does: the bytes, then the merges.
+        if vocab is None:
             vocab = {b: bytes([b]) for b in range(256)}
             for a, b in self.merges:
                 vocab[len(vocab)] = vocab[a] + vocab[b]
         self.vocab = vocab
-        self.special_tokens = {EOT: len(self.vocab)} if special_tokens is None else special_tokens
-        self.pattern, self._compiled = pattern, regex.compile(pattern)
-        tokens = {**self.vocab, **{id: name.encode("utf-8") for name, id in self.special_tokens.items()}}
-        if sorted(tokens) != list(range(len(self.vocab) + len(self.special_tokens))):
+        if special_tokens is None:
+            special_tokens = {EOT: len(vocab)}
+        self.special_tokens = special_tokens
+        self.pattern = pattern
+        self._compiled = regex.compile(pattern)
+        specials = {id: name.encode("utf-8") for name, id in special_tokens.items()}
+        tokens = {**vocab, **specials}
+        if sorted(tokens) != list(range(len(vocab) + len(special_tokens))):
             raise ValueError("token ids must be 0, 1, 2, ... with no gap and no id given twice")
-        self._bytes = [tokens[id] for id in range(len(tokens))]  # id -> the bytes it stands for
+        # The bytes each id stands for.
+        self._bytes = [tokens[id] for id in range(len(tokens))]
         self.vocab_size = len(self._bytes)
-        # Encoding works on strings of chr(id), like the fast trainer: byte -> id, merge "ab" -> rank, merged id.
-        id_of = {token: id for id, token in self.vocab.items()}
+        # Encoding works on strings of chr(id), as the fast trainer does: each byte
+        # maps to its id, and each merge "ab" to its rank and its merged id.
+        id_of = {token: id for id, token in vocab.items()}
         try:
             self._byte_ids = {b: chr(id_of[bytes([b])]) for b in range(256)}
-            self._merged = [chr(id_of[self.vocab[a] + self.vocab[b]]) for a, b in self.merges]
+            self._merged = [chr(id_of[vocab[a] + vocab[b]]) for a, b in self.merges]
         except KeyError as e:
-            raise ValueError(f"the vocabulary lacks the byte or merged token {e.args[0]!r}") from None
+            missing = e.args[0]
+            raise ValueError(f"the vocabulary lacks the byte or merged token {missing!r}") from None
         self._pairs = [chr(a) + chr(b) for a, b in self.merges]
         self._ranks = {pair: rank for rank, pair in enumerate(self._pairs)}
         self._cache = {}
@@ -234,33 +262,37 @@ class Tokenizer:
         Raises ValueError unless 257 <= vocab_size <= 2**16."""
         n_merges = vocab_size - 256 - 1
         if not 257 <= vocab_size <= MAX_VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be between 257 and {MAX_VOCAB_SIZE}, got {vocab_size}")
+            raise ValueError(f"vocab_size must be between 257 and {MAX_VOCAB_SIZE}, "
+                             f"got {vocab_size}")
         merges = train_fast(count_chunks(list(texts)), n_merges, log)
         if log and len(merges) < n_merges:
-            log(f"the text has only {len(merges)} distinct merges; vocabulary is {257 + len(merges)}")
+            log(f"the text has only {len(merges)} distinct merges; "
+                f"vocabulary is {257 + len(merges)}")
         return cls(merges)
 
     @classmethod
     def from_pretrained(cls, folder):
-        """GPT-2's files as Hugging Face publishes them: vocab.json ({token: id}) and merges.txt
-        ("a b" a line, in rank order). A token neither a byte nor made by a merge is special."""
+        """Read GPT-2's files as Hugging Face publishes them: vocab.json ({token: id})
+        and merges.txt ("a b" a line, in rank order). A token that is neither a byte
+        nor made by a merge is a special token."""
         folder = Path(folder)
         try:
             token2id = json.loads((folder / "vocab.json").read_text(encoding="utf-8-sig"))
             lines = (folder / "merges.txt").read_text(encoding="utf-8-sig").splitlines()
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: a GPT-2 tokenizer is vocab.json + "
-                                    f"merges.txt") from None
+            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: "
+                                    f"a GPT-2 tokenizer is vocab.json + merges.txt") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{folder}'s vocab.json or merges.txt is not GPT-2's ({e})") from None
         pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
         if not isinstance(token2id, dict) or any(len(pair) != 2 for pair in pairs):
-            raise ValueError(f"{folder} holds no GPT-2 tokenizer: vocab.json must map tokens to ids, "
-                             f"each line of merges.txt be two tokens")
+            raise ValueError(f"{folder} holds no GPT-2 tokenizer: vocab.json must map tokens "
+                             f"to ids, each line of merges.txt be two tokens")
         try:
             merges = [(token2id[a], token2id[b]) for a, b in pairs]
         except KeyError as e:
-            raise ValueError(f"{folder}/merges.txt names {e.args[0]!r}, which vocab.json lacks") from None
+            raise ValueError(f"{folder}/merges.txt names {e.args[0]!r}, "
+                             f"which vocab.json lacks") from None
         made = set(BYTE_STAND_INS.values()) | {a + b for a, b in pairs}
         vocab = {id: piece_to_bytes(piece) for piece, id in token2id.items() if piece in made}
         special = {piece: id for piece, id in token2id.items() if piece not in made}
@@ -268,10 +300,12 @@ class Tokenizer:
 
     def save_pretrained(self, folder):
         """Write vocab.json and merges.txt, the files `from_pretrained` reads."""
-        token2id = self.to_dict()["token2id"]
-        write_atomically(Path(folder) / "vocab.json", json.dumps(token2id, ensure_ascii=False).encode("utf-8"))
+        folder = Path(folder)
+        vocab_json = json.dumps(self.to_dict()["token2id"], ensure_ascii=False)
+        write_atomically(folder / "vocab.json", vocab_json.encode("utf-8"))
         merges = [f"{self._stand_in(a)} {self._stand_in(b)}" for a, b in self.merges]
-        write_atomically(Path(folder) / "merges.txt", "\n".join(["#version: 0.2", *merges, ""]).encode("utf-8"))
+        merges_txt = "\n".join(["#version: 0.2", *merges, ""])
+        write_atomically(folder / "merges.txt", merges_txt.encode("utf-8"))
 
     @property
     def eot_id(self):
@@ -300,7 +334,8 @@ class Tokenizer:
         """Ids -> the raw bytes they stand for (possibly cut inside a character).
         Raises ValueError for an id outside the vocabulary."""
         if bad := [id for id in ids if not 0 <= id < self.vocab_size]:
-            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
+            raise ValueError(f"token id {bad[0]} is out of range "
+                             f"for a vocabulary of {self.vocab_size}")
         return b"".join([self._bytes[id] for id in ids])
 
     def decode(self, ids):
@@ -308,44 +343,55 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_stream(self, ids):
-        """Yield the text of ids as they come (from a model generating them); a
+        """Yield the text of ids as they come (from a model generating them). A
         character cut between two tokens (half a Cyrillic letter) waits for its rest."""
-        return codecs.iterdecode((self.decode_bytes([id]) for id in ids), "utf-8", errors="replace")
+        pieces = (self.decode_bytes([id]) for id in ids)
+        return codecs.iterdecode(pieces, "utf-8", errors="replace")
 
     def piece(self, id):
         """A token as a one-line readable string: its text, with \\xd0 for a
         byte that is only part of a character and \\n for a control character."""
         text = self._bytes[id].decode("utf-8", errors="backslashreplace")
-        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+        escaped = [c if c.isprintable() else c.encode("unicode_escape").decode() for c in text]
+        return "".join(escaped)
 
     def char_counts(self):
-        """For each id, how many characters it adds to decoded text (its bytes that
-        start a UTF-8 character; 0 for special tokens), so loss per character compares
-        models whose tokenizers differ."""
+        """For each id, how many characters it adds to decoded text: its bytes that
+        start a UTF-8 character, 0 for special tokens. Loss per character can then
+        compare models whose tokenizers differ."""
         specials = set(self.special_tokens.values())
-        return [0 if id in specials else sum(b & 0xC0 != 0x80 for b in token) for id, token in enumerate(self._bytes)]
+        counts = [sum((b & 0xC0) != 0x80 for b in token) for token in self._bytes]
+        return [0 if id in specials else n for id, n in enumerate(counts)]
 
     def to_dict(self):
         """The fields of tokenizer.json, which decide every id."""
         pieces = [self._stand_in(id) for id in range(self.vocab_size)]
-        return {"format": "bpe.py byte-level BPE", "pattern": self.pattern, "vocab_size": self.vocab_size,
-                "special_tokens": self.special_tokens, "merges": [list(pair) for pair in self.merges],
-                "token2id": {piece: id for id, piece in enumerate(pieces)},
-                "id2token": {str(id): piece for id, piece in enumerate(pieces)}}
+        return {
+            "format": "bpe.py byte-level BPE",
+            "pattern": self.pattern,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            "merges": [list(pair) for pair in self.merges],
+            "token2id": {piece: id for id, piece in enumerate(pieces)},
+            "id2token": {str(id): piece for id, piece in enumerate(pieces)},
+        }
 
     def _stand_in(self, id):
         if id in self.vocab:
             return "".join(BYTE_STAND_INS[b] for b in self._bytes[id])
-        return self._bytes[id].decode("utf-8")  # a special token, written as itself
+        # A special token is written as itself.
+        return self._bytes[id].decode("utf-8")
 
-    @cached_property  # a tokenizer never changes after it is made
+    # A tokenizer never changes after it is made, so its fingerprint is computed once.
+    @cached_property
     def fingerprint(self):
         """SHA-256 of the fields (not of the file's bytes): checkpoints store it."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
+        return sha256(json.dumps(self.to_dict(), sort_keys=True))
 
     def save(self, path):
         """Write tokenizer.json (atomically: a temp file, then a rename)."""
-        write_atomically(path, (json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
+        write_atomically(path, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -356,18 +402,28 @@ class Tokenizer:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a valid tokenizer file (truncated or corrupt: {e})") from None
+            raise ValueError(f"{path} is not a valid tokenizer file "
+                             f"(truncated or corrupt: {e})") from None
         if not isinstance(data, dict) or data.get("format") != "bpe.py byte-level BPE":
             raise ValueError(f"{path} is not a tokenizer written by bpe.py")
         try:
             specials = data["special_tokens"]
-            vocab = {int(id): piece_to_bytes(piece) for id, piece in data["id2token"].items() if piece not in specials}
+            vocab = {
+                int(id): piece_to_bytes(piece)
+                for id, piece in data["id2token"].items()
+                if piece not in specials
+            }
             tok = cls(data["merges"], specials, data["pattern"], vocab)
             if tok.to_dict() == data:
                 return tok
         except (KeyError, TypeError, ValueError, IndexError, regex.error):
             pass
         raise ValueError(f"{path} is corrupt: its merges, vocabulary and ids do not agree")
+
+
+def sha256(text):
+    """The SHA-256 of a string's UTF-8 bytes, in hex."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def write_atomically(path, data):
@@ -389,49 +445,64 @@ def default_data_dir():
 
 
 def read_text(path):
-    """One UTF-8 text file, without a leading byte order mark (Notepad writes one), CRLF made LF.
-    Raises FileNotFoundError, or ValueError if it is not UTF-8 or is empty."""
+    """Read one UTF-8 text file, without a leading byte order mark (Notepad writes
+    one), CRLF made LF. Raises FileNotFoundError, or ValueError if it is not UTF-8
+    or is empty."""
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")  # -sig: a leading BOM is dropped
+        # "utf-8-sig" drops a leading byte order mark.
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); "
+                         f"convert it to UTF-8") from None
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return text.replace("\r\n", "\n")
 
 
 def read_corpus(data):
-    """[(file name, text)] of the corpus `data`: one UTF-8 text file, or each .txt in a folder (a novel
-    each, see data/), by name; a text already read under another name is skipped (one novel is twice)."""
+    """Return [(file name, text)] of the corpus `data`: one UTF-8 text file, or each
+    .txt in a folder (a novel each, see data/), by name. A text already read under
+    another name is skipped (one novel is in the corpus twice)."""
     data = Path(data)
-    paths = sorted(data.glob("*.txt")) if data.is_dir() else [data] if data.exists() else []
+    if data.is_dir():
+        paths = sorted(data.glob("*.txt"))
+    else:
+        paths = [data] if data.exists() else []
     if not paths:
-        raise FileNotFoundError(f"no corpus at {data} (no .txt file): download it with `python data/download.py`, "
-                                f"or pass --data DIR or FILE (or set CORPUS_DIR) to point at a local copy")
-    first_name = {}  # text -> the first file that holds it
+        raise FileNotFoundError(f"no corpus at {data} (no .txt file): download it with "
+                                f"`python data/download.py`, or pass --data DIR or FILE "
+                                f"(or set CORPUS_DIR) to point at a local copy")
+    # text -> the first file that holds it
+    first_name = {}
     for path in paths:
         first_name.setdefault(read_text(path), path.name)
     return [(name, text) for text, name in first_name.items()]
 
 
 def split_corpus(docs):
-    """(train docs, validation docs). Novels split whole, so validation text is unseen: ordered by the
-    SHA-256 of their names, the first 5% (at least one) validate, so listing order does not matter and
-    a new novel moves no other across the split. One text splits by position, as nanoGPT's Shakespeare:
-    the last 10% validates, from the start of the line that holds the 90% mark."""
+    """Split docs into (train docs, validation docs).
+
+    Novels split whole, so that validation text is unseen: ordered by the SHA-256
+    of their names, the first 5% (at least one) validate. Listing order then does
+    not matter, and a new novel moves no other across the split. One text splits
+    by position, as nanoGPT's Shakespeare: the last 10% validates, from the start
+    of the line that holds the 90% mark."""
     if len(docs) == 1:
-        (name, text), at = docs[0], len(docs[0][1]) * 9 // 10
-        cut = text.rfind("\n", 0, at) + 1 or at  # the text is one line: at 90%
-        return [(name, text[:cut])], [(f"{name} from line {text.count(chr(10), 0, cut) + 1}", text[cut:])]
-    ranked = sorted(docs, key=lambda doc: hashlib.sha256(doc[0].encode("utf-8")).hexdigest())
+        name, text = docs[0]
+        at = len(text) * 9 // 10
+        # A text of one line splits at 90%.
+        cut = (text.rfind("\n", 0, at) + 1) or at
+        line = text.count("\n", 0, cut) + 1
+        return [(name, text[:cut])], [(f"{name} from line {line}", text[cut:])]
+    ranked = sorted(docs, key=lambda doc: sha256(doc[0]))
     n_val = max(1, round(len(docs) * 0.05))
     return ranked[n_val:], ranked[:n_val]
 
 
 def prepare_corpus(data_dir, out_dir, vocab_size=None, log=print):
-    """What a model file needs from the corpus, made once and cached in out_dir:
+    """Make what a model file needs from the corpus, once, cached in out_dir:
     tokenizer.json (trained on the training novels unless present) and {train,val}.bin,
     each split's ids as little-endian uint16, <|endoftext|> before each document.
     Returns (tokenizer, train path, val path)."""
@@ -449,45 +520,66 @@ def prepare_corpus(data_dir, out_dir, vocab_size=None, log=print):
         tok = Tokenizer.train([text for _, text in train_docs], vocab_size, log)
         tok.save(tok_path)
     train_path = encode_corpus(tok, train_docs, Path(out_dir, "train.bin"), log)
-    return tok, train_path, encode_corpus(tok, val_docs, Path(out_dir, "val.bin"), log)
+    val_path = encode_corpus(tok, val_docs, Path(out_dir, "val.bin"), log)
+    return tok, train_path, val_path
 
 
 def encode_corpus(tok, docs, path, log=print):
     """Write the docs' ids to `path`, unless it already holds exactly them (a
     small `.json` beside it records what the array was made from)."""
-    path, meta_path = Path(path), Path(path).with_suffix(".json")
-    text_sha256 = hashlib.sha256("".join(text for _, text in docs).encode("utf-8")).hexdigest()
-    identity = {"tokenizer": tok.fingerprint, "documents": [name for name, _ in docs], "text_sha256": text_sha256}
-    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text(encoding="utf-8")) == identity:
-        return path
-    start, ids = time.time(), array("H")
-    for doc_ids in parallel_map(lambda text: array("H", tok.encode(text)).tobytes(), [text for _, text in docs]):
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    identity = {
+        "tokenizer": tok.fingerprint,
+        "documents": [name for name, _ in docs],
+        "text_sha256": sha256("".join(text for _, text in docs)),
+    }
+    if path.exists() and meta_path.exists():
+        if json.loads(meta_path.read_text(encoding="utf-8")) == identity:
+            return path
+    start = time.time()
+    ids = array("H")
+    texts = [text for _, text in docs]
+    for doc_ids in parallel_map(lambda text: array("H", tok.encode(text)).tobytes(), texts):
         ids.append(tok.eot_id)
         ids.frombytes(doc_ids)
     if sys.byteorder == "big":
         ids.byteswap()
     write_atomically(path, ids.tobytes())
     write_atomically(meta_path, json.dumps(identity, indent=1).encode("utf-8"))
-    log(f"encoded {len(docs)} documents into {path}: {len(ids):,} tokens in {time.time() - start:.1f}s")
+    seconds = time.time() - start
+    log(f"encoded {len(docs)} documents into {path}: "
+        f"{len(ids):,} tokens in {seconds:.1f}s")
     return path
 
 
-PARALLEL_MIN_CHARS = 1_000_000  # below this, starting workers costs more than it saves
-_job = None  # the function parallel_map's forked workers call
+# Below this many characters, starting workers costs more than it saves.
+PARALLEL_MIN_CHARS = 1_000_000
+# The function that parallel_map's forked workers call.
+_job = None
 
 
 def parallel_map(fn, texts):
-    """Yield fn(text) for each text of a list, in order; for large inputs, in one forked
-    worker per core this process may use, which inherits `fn` (so a closure will do)."""
+    """Yield fn(text) for each text of a list, in order. For large inputs, the work
+    runs in one forked worker per core this process may use; a worker inherits `fn`,
+    so a closure will do."""
     global _job
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(len(texts), cores) if "fork" in multiprocessing.get_all_start_methods() else 1  # Windows: 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count()
+    # Windows cannot fork: it works here, in one process.
+    workers = 1
+    if "fork" in multiprocessing.get_all_start_methods():
+        workers = min(len(texts), cores)
     if workers < 2 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
         yield from map(fn, texts)
         return
     _job = fn
-    with multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
-        yield from pool.imap(_call_job, texts)  # Ctrl-C is the parent's to handle
+    # Workers ignore Ctrl-C: it is the parent's to handle.
+    ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)
+    with multiprocessing.get_context("fork").Pool(workers, signal.signal, ignore_ctrl_c) as pool:
+        yield from pool.imap(_call_job, texts)
 
 
 def _call_job(text):
@@ -503,19 +595,28 @@ DEFAULT_TOKENIZER = "checkpoints/gpt2/tokenizer.json"
 def cmd_train(args):
     start = time.time()
     train_docs, val_docs = split_corpus(read_corpus(args.data))
-    texts, val_text = [text for _, text in train_docs], "".join(text for _, text in val_docs)
-    print(f"training a {args.vocab_size}-token BPE on {len(texts)} novels, {sum(map(len, texts)):,} characters")
+    texts = [text for _, text in train_docs]
+    val_text = "".join(text for _, text in val_docs)
+    print(f"training a {args.vocab_size}-token BPE on {len(texts)} novels, "
+          f"{sum(map(len, texts)):,} characters")
     tok = Tokenizer.train(texts, args.vocab_size, log=print)
     tok.save(args.out)
     chars_per_token = len(val_text) / max(1, len(tok.encode(val_text)))
     print(f"done in {time.time() - start:.1f}s: vocabulary {tok.vocab_size}, "
-          f"{chars_per_token:.2f} characters per token on the validation novels, saved to {args.out}")
+          f"{chars_per_token:.2f} characters per token on the validation novels, "
+          f"saved to {args.out}")
 
 
 def cmd_encode(args):
     tok = Tokenizer.load(args.tokenizer)
     ids = tok.encode(args.text)
-    print(" ".join(map(str, ids)), *(f"{id:>6}  '{tok.piece(id)}'" for id in ids), sep="\n")
+    print(" ".join(map(str, ids)))
+    for id in ids:
+        print(f"{id:>6}  '{tok.piece(id)}'")
+
+
+def cmd_decode(args):
+    print(Tokenizer.load(args.tokenizer).decode(args.ids))
 
 
 def main(argv=None):
@@ -523,8 +624,10 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     train = commands.add_parser("train", help="learn a vocabulary from the corpus", **defaults)
-    train.add_argument("--vocab-size", type=int, default=3000, help="bytes + merges + <|endoftext|>")
-    train.add_argument("--data", default=default_data_dir(), help="folder of .txt files (env CORPUS_DIR)")
+    train.add_argument("--vocab-size", type=int, default=3000,
+                       help="bytes + merges + <|endoftext|>")
+    train.add_argument("--data", default=default_data_dir(),
+                       help="folder of .txt files (env CORPUS_DIR)")
     train.add_argument("--out", default=DEFAULT_TOKENIZER, help="where to write tokenizer.json")
     encode = commands.add_parser("encode", help="text -> ids", **defaults)
     encode.add_argument("text")
@@ -534,9 +637,10 @@ def main(argv=None):
         command.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     train.set_defaults(run=cmd_train)
     encode.set_defaults(run=cmd_encode)
-    decode.set_defaults(run=lambda args: print(Tokenizer.load(args.tokenizer).decode(args.ids)))
+    decode.set_defaults(run=cmd_decode)
     args = parser.parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # UTF-8 whatever the console's code page, as in Python's UTF-8 mode
+    # Write UTF-8 whatever the console's code page, as Python's UTF-8 mode does.
+    for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 LISTING_URL = "https://api.github.com/repos/JoannaBy/RussianNovels/contents/corpus"
 DEFAULT_OUT = Path(__file__).parent / "corpus"
-TIMEOUT_S = 60  # per request; a stalled connection becomes an error, not a hang
+# Seconds per request: a stalled connection becomes an error, not a hang.
+TIMEOUT_S = 60
 MB = 1_000_000
 
 
@@ -45,7 +46,7 @@ class CorpusFile:
 
     name: str  # file name, e.g. "Tolstoi_AnnaKarenina.txt"
     size: int  # in bytes
-    sha: str  # git blob sha1 of the content (see git_blob_sha1)
+    sha: str  # git blob sha1 (see git_blob_sha1)
     url: str  # where to download the raw bytes
 
 
@@ -58,11 +59,14 @@ def fetch(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             return response.read()
-    except urllib.error.HTTPError as e:  # the server answered, e.g. "HTTP Error 403: rate limit exceeded"
+    # The server answered, e.g. "HTTP Error 403: rate limit exceeded".
+    except urllib.error.HTTPError as e:
         raise DownloadError(f"{url}: {e}") from None
-    except urllib.error.URLError as e:  # no answer: offline, DNS failure, connection refused
+    # No answer: offline, a DNS failure, a connection refused.
+    except urllib.error.URLError as e:
         raise DownloadError(f"{url}: {e.reason}") from None
-    except (OSError, http.client.HTTPException, ValueError) as e:  # timed out, cut off, not a URL
+    # Timed out, cut off, or not a URL.
+    except (OSError, http.client.HTTPException, ValueError) as e:
         raise DownloadError(f"{url}: {e}") from None
 
 
@@ -79,22 +83,29 @@ def fetch_listing(listing_url: str) -> list[CorpusFile]:
         if not isinstance(entries, list):
             raise ValueError("expected a JSON list of files")
         files = [
-            CorpusFile(str(entry["name"]), int(entry["size"]), str(entry["sha"]), str(entry["download_url"]))
+            CorpusFile(
+                str(entry["name"]),
+                int(entry["size"]),
+                str(entry["sha"]),
+                str(entry["download_url"]),
+            )
             for entry in entries
             if entry["type"] == "file" and str(entry["name"]).endswith(".txt")
         ]
     except (ValueError, TypeError, KeyError) as e:
-        raise DownloadError(f"bad listing from {listing_url}: {type(e).__name__}: {e}") from None
+        raise DownloadError(f"bad listing from {listing_url}: "
+                            f"{type(e).__name__}: {e}") from None
     if not files:
         raise DownloadError(f"the listing from {listing_url} names no .txt files")
     for file in files:
-        if Path(file.name).name != file.name:  # a name like "../x.txt" must not escape the folder
+        # A name like "../x.txt" must not escape the folder.
+        if Path(file.name).name != file.name:
             raise DownloadError(f"bad listing from {listing_url}: unsafe file name {file.name!r}")
     return sorted(files, key=lambda file: file.name)
 
 
 def git_blob_sha1(content: bytes) -> str:
-    """The hash git gives a file: sha1 of a "blob <size>\\0" header followed by the bytes."""
+    """The hash git gives a file: the sha1 of a "blob <size>\\0" header, then the bytes."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
@@ -108,15 +119,17 @@ def is_complete(path: Path, file: CorpusFile) -> bool:
 
 
 def check_content(file: CorpusFile, content: bytes) -> None:
-    """Raise DownloadError unless `content` is the whole file, unchanged, and valid UTF-8."""
+    """Raise DownloadError unless `content` is the whole file, unchanged, and UTF-8."""
     if len(content) != file.size:
-        raise DownloadError(f"{file.name} arrived with {len(content)} bytes instead of {file.size}")
+        raise DownloadError(f"{file.name} arrived with {len(content)} bytes "
+                            f"instead of {file.size}")
     if git_blob_sha1(content) != file.sha:
         raise DownloadError(f"{file.name} arrived corrupted (its hash differs from the listing)")
     try:
         content.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DownloadError(f"{file.name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise DownloadError(f"{file.name} is not valid UTF-8 "
+                            f"({e.reason} at byte {e.start})") from None
 
 
 def download_file(file: CorpusFile, path: Path) -> None:
@@ -143,7 +156,9 @@ def download_corpus(out_dir: Path, listing_url: str = LISTING_URL) -> None:
     total = sum(file.size for file in files)
     name_width = max(len(file.name) for file in files)
     count_width = len(str(len(files)))
-    done = downloaded = 0  # bytes now on disk / bytes fetched by this run
+    # Bytes now on disk, and bytes fetched by this run.
+    done = 0
+    downloaded = 0
     start = time.perf_counter()
     for i, file in enumerate(files, 1):
         path = out_dir / file.name
@@ -155,8 +170,8 @@ def download_corpus(out_dir: Path, listing_url: str = LISTING_URL) -> None:
             status = f"{downloaded / MB / (time.perf_counter() - start):.1f} MB/s"
         done += file.size
         print(
-            f"[{i:>{count_width}}/{len(files)}]  {file.name:<{name_width}}  {file.size / MB:5.1f} MB"
-            f"   {done / MB:5.1f}/{total / MB:.1f} MB  {status}",
+            f"[{i:>{count_width}}/{len(files)}]  {file.name:<{name_width}}"
+            f"  {file.size / MB:5.1f} MB   {done / MB:5.1f}/{total / MB:.1f} MB  {status}",
             flush=True,
         )
     seconds = time.perf_counter() - start
@@ -175,16 +190,21 @@ def main(argv: list[str] | None = None) -> int:
         "from github.com/JoannaBy/RussianNovels. Files already present and complete "
         "are skipped, so an interrupted download can simply be run again.",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                        help="folder to download into (default: data/corpus next to this script)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+        help="folder to download into (default: data/corpus next to this script)",
+    )
     # Where the list of files comes from. Users never need it; the tests point it at
     # a local server so that they run offline.
-    parser.add_argument("--listing-url", default=LISTING_URL, metavar="URL",
-                        help="GitHub contents-API URL listing the corpus files (default: %(default)s)")
+    parser.add_argument(
+        "--listing-url", default=LISTING_URL, metavar="URL",
+        help="GitHub contents-API URL listing the corpus files (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
         download_corpus(args.out, args.listing_url)
-    except (DownloadError, OSError) as e:  # OSError: the output folder cannot be written
+    # OSError: the output folder cannot be written.
+    except (DownloadError, OSError) as e:
         print(f"error: could not download the corpus ({e}); to use a local copy, "
               f"pass --data DIR to the commands (or set CORPUS_DIR=DIR)", file=sys.stderr)
         return 1
