@@ -15,6 +15,7 @@ import argparse
 import codecs
 import hashlib
 import heapq
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -428,11 +429,17 @@ def sha256(text):
 
 def write_atomically(path, data):
     """Write bytes to `path` so that a crash leaves the old file or the new one,
-    never half of one: write a temp file beside it, then rename over."""
+    never half of one: write a temp file beside it, then rename over. A failure
+    removes the temp file and raises OSError naming `path`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -461,13 +468,29 @@ def read_text(path):
     return text.replace("\r\n", "\n")
 
 
+def download_corpus(folder):
+    """Download the corpus into `folder` with data/download.py."""
+    script = Path(__file__).parent / "data" / "download.py"
+    spec = importlib.util.spec_from_file_location("download", script)
+    download = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(download)
+    try:
+        download.download_corpus(Path(folder))
+    except download.DownloadError as e:
+        raise OSError(f"could not download the corpus ({e}); to use a local copy, "
+                      f"pass --data DIR (or set CORPUS_DIR=DIR)") from None
+
+
 def read_corpus(data):
     """Return [(file name, text)] of the corpus `data`: one UTF-8 text file, or each
-    .txt in a folder (a novel each, see data/), by name. A text already read under
-    another name is skipped (one novel is in the corpus twice)."""
+    .txt (any case) in a folder (a novel each, see data/), by name. A text already read
+    under another name is skipped (one novel is in the corpus twice). The default
+    folder, if missing, is downloaded first."""
     data = Path(data)
+    if data == Path(default_data_dir()) and not data.exists():
+        download_corpus(data)
     if data.is_dir():
-        paths = sorted(data.glob("*.txt"))
+        paths = sorted(path for path in data.iterdir() if path.suffix.lower() == ".txt")
     else:
         paths = [data] if data.exists() else []
     if not paths:
@@ -487,41 +510,74 @@ def split_corpus(docs):
     Novels split whole, so that validation text is unseen: ordered by the SHA-256
     of their names, the first 5% (at least one) validate. Listing order then does
     not matter, and a new novel moves no other across the split. One text splits
-    by position, as nanoGPT's Shakespeare: the last 10% validates, from the start
-    of the line that holds the 90% mark."""
+    by position (see split_text)."""
     if len(docs) == 1:
-        name, text = docs[0]
-        at = len(text) * 9 // 10
-        # A text of one line splits at 90%.
-        cut = (text.rfind("\n", 0, at) + 1) or at
-        line = text.count("\n", 0, cut) + 1
-        return [(name, text[:cut])], [(f"{name} from line {line}", text[cut:])]
+        train, val = split_text(*docs[0])
+        return [train], [val]
     ranked = sorted(docs, key=lambda doc: sha256(doc[0]))
     n_val = max(1, round(len(docs) * 0.05))
     return ranked[n_val:], ranked[:n_val]
 
 
-def prepare_corpus(data_dir, out_dir, vocab_size=None, log=print):
+def split_text(name, text):
+    """Split one text as nanoGPT splits its Shakespeare, about 10% validating: at the
+    start of a line in the 2% of the text before the 90% mark, else at a sentence end
+    there, else a space, else the mark. Raises ValueError if a part would be blank."""
+    at = len(text) * 9 // 10
+    start = at - len(text) // 50
+    cut = at
+    for boundary in (r"\n", r"[.!?…] ", r"\s"):
+        ends = [match.end() for match in regex.finditer(boundary, text, pos=start, endpos=at)]
+        if ends:
+            cut = ends[-1]
+            break
+    train, val = text[:cut], text[cut:]
+    if not (train.strip() and val.strip()):
+        raise ValueError(f"{name} is too short to split into training and validation text")
+    line = text.count("\n", 0, cut) + 1
+    return (name, train), (f"{name} from line {line}", val)
+
+
+def prepare_corpus(data, out_dir, vocab_size=None, log=print, resume=False):
     """Make what a model file needs from the corpus, once, cached in out_dir:
-    tokenizer.json (trained on the training novels unless present) and {train,val}.bin,
-    each split's ids as little-endian uint16, <|endoftext|> before each document.
+    tokenizer.json (see run_tokenizer) and {train,val}.bin, each split's ids as
+    little-endian uint16, <|endoftext|> before each document.
     Returns (tokenizer, train path, val path)."""
-    train_docs, val_docs = split_corpus(read_corpus(data_dir))
-    log(f"validation split: {', '.join(name for name, _ in val_docs)}")
-    tok_path = Path(out_dir, "tokenizer.json")
-    if tok_path.exists():
-        tok = Tokenizer.load(tok_path)
-        if vocab_size is not None and vocab_size != tok.vocab_size:
-            raise ValueError(f"{tok_path} has a vocabulary of {tok.vocab_size}, not {vocab_size}: "
-                             f"use another --out-dir, or leave --vocab-size out")
-    else:
-        vocab_size = vocab_size or 3000
-        log(f"training a {vocab_size}-token BPE on {len(train_docs)} text(s)")
-        tok = Tokenizer.train([text for _, text in train_docs], vocab_size, log)
-        tok.save(tok_path)
+    docs = read_corpus(data)
+    train_docs, val_docs = split_corpus(docs)
+    val_names = ", ".join(name for name, _ in val_docs)
+    log(f"read {len(docs)} texts from {data}; validation split: {val_names}")
+    tok = run_tokenizer([text for _, text in train_docs], out_dir, vocab_size, log, resume)
     train_path = encode_corpus(tok, train_docs, Path(out_dir, "train.bin"), log)
     val_path = encode_corpus(tok, val_docs, Path(out_dir, "val.bin"), log)
     return tok, train_path, val_path
+
+
+def run_tokenizer(texts, out_dir, vocab_size, log, resume):
+    """Return out_dir's tokenizer.json if vocab_size is None (a released model's) or
+    if it was trained here on `texts` for vocab_size (as tokenizer.source.json says);
+    else a new one, unless resuming: the run's checkpoint needs the old one."""
+    tok_path = Path(out_dir, "tokenizer.json")
+    source_path = Path(out_dir, "tokenizer.source.json")
+    if vocab_size is None:
+        return Tokenizer.load(tok_path)
+    source = {"text_sha256": sha256(json.dumps(texts)), "vocab_size": vocab_size}
+    if tok_path.exists():
+        tok = Tokenizer.load(tok_path)
+        made = json.loads(source_path.read_text("utf-8")) if source_path.exists() else {}
+        if made == {**source, "tokenizer": tok.fingerprint}:
+            return tok
+        if resume:
+            asked = made.get("vocab_size", "?")
+            raise ValueError(f"{tok_path} ({tok.vocab_size} tokens for --vocab-size {asked}) was "
+                             f"not made from this --data for --vocab-size {vocab_size}")
+        log(f"{tok_path} was made for other data or another --vocab-size: training anew")
+    log(f"training a {vocab_size}-token BPE on {len(texts)} text(s)")
+    tok = Tokenizer.train(texts, vocab_size, log)
+    tok.save(tok_path)
+    made = {**source, "tokenizer": tok.fingerprint}
+    write_atomically(source_path, json.dumps(made).encode("utf-8"))
+    return tok
 
 
 def encode_corpus(tok, docs, path, log=print):
@@ -537,6 +593,8 @@ def encode_corpus(tok, docs, path, log=print):
     if path.exists() and meta_path.exists():
         if json.loads(meta_path.read_text(encoding="utf-8")) == identity:
             return path
+    # Until the new record is written, no record may vouch for the new array.
+    meta_path.unlink(missing_ok=True)
     start = time.time()
     ids = array("H")
     texts = [text for _, text in docs]

@@ -333,10 +333,9 @@ def test_prepare_corpus_writes_token_arrays_and_reuses_them(tmp_path):
         assert ids.count(tok.eot_id) == len(docs) and ids[0] == tok.eot_id
         assert tok.decode(ids) == "".join(bpe.EOT + text for _, text in docs)
     mtime = train_path.stat().st_mtime_ns
-    again, train_again, _ = bpe.prepare_corpus(data, tmp_path / "out", log=lambda *_: None)
-    assert again.fingerprint == tok.fingerprint and train_again.stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="has a vocabulary of 300, not 500"):
-        bpe.prepare_corpus(data, tmp_path / "out", 500)
+    for vocab_size in (None, 300):  # None: fine-tuning, which uses the tokenizer there
+        again, train_again, _ = bpe.prepare_corpus(data, tmp_path / "out", vocab_size, log=lambda *_: None)
+        assert again.fingerprint == tok.fingerprint and train_again.stat().st_mtime_ns == mtime
 
 
 def test_parallel_work_equals_serial(tok, monkeypatch):
@@ -403,3 +402,141 @@ def test_command_line_errors_are_one_line(tok, tmp_path, args, message):
     assert result.returncode == 1
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+# -- what a new user hits ------------------------------------------------------------
+
+
+def prepare(data, out_dir, vocab_size, resume=False):
+    """prepare_corpus, with what it logged: (tokenizer, log lines)."""
+    lines = []
+    tok, _, _ = bpe.prepare_corpus(data, out_dir, vocab_size, log=lines.append, resume=resume)
+    return tok, lines
+
+
+def trained_here(lines):
+    return any(line.startswith("training a ") for line in lines)
+
+
+def test_a_tokenizer_left_by_a_run_on_other_data_is_not_reused(tmp_path):
+    tiny = write_corpus(tmp_path / "tiny", {"a.txt": "Мама мыла раму."})
+    novels = write_corpus(tmp_path / "novels", NOVELS)
+    out = tmp_path / "out"
+    left, _ = prepare(tiny / "a.txt", out, 300)  # a failed run's: BPE stops early on 15 characters
+    assert left.vocab_size < 300
+    # A resumed run depends on its tokenizer: refuse, naming both sizes.
+    with pytest.raises(ValueError, match=rf"\({left.vocab_size} tokens for --vocab-size 300\) was "
+                                         rf"not made from this --data for --vocab-size 300"):
+        prepare(novels, out, 300, resume=True)
+    tok, lines = prepare(novels, out, 300)  # a new run: train anew, and say why
+    assert tok.vocab_size == 300 and trained_here(lines)
+    assert any("was made for other data or another --vocab-size" in line for line in lines)
+    assert bpe.Tokenizer.load(out / "tokenizer.json").fingerprint == tok.fingerprint
+    with pytest.raises(ValueError, match=r"\(300 tokens for --vocab-size 300\) .* --vocab-size 500"):
+        prepare(novels, out, 500, resume=True)
+
+
+def test_a_tokenizer_made_here_for_the_same_texts_and_size_is_reused(tmp_path):
+    tiny = write_corpus(tmp_path / "tiny", {"a.txt": "Мама мыла раму. " * 20})
+    first, lines = prepare(tiny, tmp_path / "out", 2000)  # stops early: its size is below the request
+    assert first.vocab_size < 2000 and trained_here(lines)
+    for resume in (False, True):
+        again, lines = prepare(tiny, tmp_path / "out", 2000, resume=resume)
+        assert again.fingerprint == first.fingerprint and not trained_here(lines)
+
+
+def test_a_tokenizer_without_its_record_is_not_reused(tmp_path, monkeypatch):
+    """A run that dies between tokenizer.json and its record leaves nothing a resume takes for its own."""
+    novels = write_corpus(tmp_path / "novels", NOVELS)
+    prepare(novels, tmp_path / "out", 280)
+    real_save = bpe.Tokenizer.save
+
+    def save_then_die(tok, path):
+        real_save(tok, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bpe.Tokenizer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(novels, tmp_path / "out", 300)
+    monkeypatch.undo()
+    # The record still says "these novels, 280", but of the tokenizer before.
+    with pytest.raises(ValueError, match=r"\(300 tokens for --vocab-size 280\)"):
+        prepare(novels, tmp_path / "out", 280, resume=True)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".tmp"]
+
+
+def test_fine_tuning_needs_a_tokenizer_in_out_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer at .*tokenizer.json"):
+        prepare(write_corpus(tmp_path / "c", NOVELS), tmp_path / "out", None)
+
+
+words = st.text(alphabet=st.characters(blacklist_categories=["Z", "Cc"]), min_size=1, max_size=400)
+separators = st.sampled_from([" ", "\n", ". ", "! ", "? ", "… ", "\n\n", ", "])
+texts = st.lists(st.tuples(words, separators), min_size=1).map(lambda parts: "".join(w + s for w, s in parts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(texts, st.text(min_size=1, max_size=2000)).filter(lambda text: len(text) >= 100))
+def test_one_text_keeps_about_90_percent_for_training(text):
+    try:
+        (train,), (val,) = bpe.split_corpus([("story.txt", text)])
+    except ValueError as e:  # arbitrary text: the last 10% may be blank
+        assert str(e) == "story.txt is too short to split into training and validation text"
+        assert not text[: len(text) * 88 // 100].strip() or not text[len(text) * 9 // 10 :].strip()
+        return
+    assert train[0] == "story.txt" and val[0] == f"story.txt from line {train[1].count(chr(10)) + 1}"
+    assert train[1] + val[1] == text and 0.85 <= len(train[1]) / len(text) <= 0.95
+
+
+def test_one_text_of_a_title_and_a_one_line_book_splits_inside_the_book():
+    book = "Война и мир\n" + " ".join(RUSSIAN.split() * 40)  # a title, then the whole book as one line
+    (train,), (val,) = bpe.split_corpus([("book.txt", book)])
+    assert 0.88 <= len(train[1]) / len(book) <= 0.9 and val[0] == "book.txt from line 2"
+    assert train[1].endswith(". ") or train[1].endswith("! ")  # at a sentence end
+
+
+@pytest.mark.parametrize("text", ["x", "x" + " " * 50])
+def test_a_text_that_cannot_split_is_one_clear_error(tmp_path, text):
+    with pytest.raises(ValueError, match="a.txt is too short to split into training and validation text"):
+        bpe.split_corpus([("a.txt", text)])
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    result = run_bpe("train", "--vocab-size", 300, "--data", tmp_path / "a.txt", "--out", tmp_path / "t.json")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "too short to split" in result.stderr
+
+
+def test_txt_files_in_any_case_are_read_and_counted(tmp_path):
+    data = write_corpus(tmp_path / "c", {"a.txt": RUSSIAN, "b.TXT": MIXED, "c.Txt": SAMPLE, "d.md": "x"})
+    assert [name for name, _ in bpe.read_corpus(data)] == ["a.txt", "b.TXT", "c.Txt"]
+    _, lines = prepare(data, tmp_path / "out", 300)
+    assert lines[0].startswith(f"read 3 texts from {data}; validation split: ")
+
+
+def test_writing_over_a_folder_names_it_and_leaves_no_temp_file(tmp_path, tok):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    with pytest.raises(OSError, match=f"^cannot write {folder}: "):
+        tok.save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+    data = write_corpus(tmp_path / "c", NOVELS)
+    result = run_bpe("train", "--vocab-size", 300, "--data", data, "--out", folder)
+    assert result.returncode == 1 and result.stderr == f"error: cannot write {folder}: Is a directory\n"
+    assert not (tmp_path / "tok.tmp").exists()
+
+
+def test_token_arrays_whose_record_was_never_written_are_not_reused(tok, tmp_path, monkeypatch):
+    path = tmp_path / "train.bin"
+    first = [("a.txt", RUSSIAN)]
+    bpe.encode_corpus(tok, first, path, log=lambda *_: None)
+    real_write = bpe.write_atomically
+
+    def die_before_the_record(target, data):
+        if Path(target).suffix == ".json":
+            raise KeyboardInterrupt
+        real_write(target, data)
+
+    monkeypatch.setattr(bpe, "write_atomically", die_before_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        bpe.encode_corpus(tok, [("b.txt", MIXED)], path, log=lambda *_: None)
+    monkeypatch.undo()
+    bpe.encode_corpus(tok, first, path, log=lambda *_: None)
+    assert tok.decode(read_ids(path)) == bpe.EOT + RUSSIAN

@@ -12,11 +12,15 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+import bpe
 
 SCRIPT = Path(__file__).resolve().parent.parent / "data" / "download.py"
 
@@ -228,3 +232,46 @@ def test_cli_non_utf8_file_is_one_line_naming_it(server, tmp_path):
     server.publish({"Bad.txt": b"\xff\xfe not utf-8"})
     line = one_line_error(run_script("--out", str(tmp_path), "--listing-url", server.listing_url))
     assert "Bad.txt is not valid UTF-8" in line
+
+
+# ---------------------------------------------------------------------------
+# bpe.py downloads the corpus when it is read from the default folder and missing
+
+
+def no_network(url, timeout):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_reading_the_default_corpus_downloads_it_first(server, tmp_path, monkeypatch, capsys):
+    server.publish(TEXTS)
+    real_urlopen = urllib.request.urlopen
+
+    def to_the_fake_github(url, timeout):
+        return real_urlopen(url.replace(download.LISTING_URL, server.listing_url), timeout=timeout)
+
+    monkeypatch.setattr(urllib.request, "urlopen", to_the_fake_github)
+    monkeypatch.setenv("CORPUS_DIR", str(tmp_path / "corpus"))
+    docs = bpe.read_corpus(bpe.default_data_dir())
+    assert [name for name, _ in docs] == sorted(TEXTS) and downloads(server) == sorted(TEXTS)
+    assert "[3/3]" in capsys.readouterr().out  # data/download.py's progress, a line per file
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    assert bpe.read_corpus(bpe.default_data_dir()) == docs  # there now: no second download
+
+
+def test_offline_the_default_corpus_is_one_line_saying_how_to_pass_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("CORPUS_DIR", str(tmp_path / "corpus"))
+    with pytest.raises(SystemExit) as exit:
+        bpe.main(["train", "--out", str(tmp_path / "tok.json")])
+    message = str(exit.value.code)
+    assert message.startswith("error: could not download the corpus (") and "\n" not in message
+    assert "Temporary failure in name resolution" in message
+    assert "--data DIR" in message and "CORPUS_DIR" in message
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "tok.json").exists()
+
+
+def test_a_missing_data_folder_given_by_the_user_is_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("downloaded"))
+    monkeypatch.setenv("CORPUS_DIR", str(tmp_path / "corpus"))
+    with pytest.raises(FileNotFoundError, match="no corpus at .*missing"):
+        bpe.read_corpus(tmp_path / "missing")
