@@ -667,7 +667,13 @@ def cmd_train(args):
 
 def cmd_encode(args):
     tok = Tokenizer.load(args.tokenizer)
-    ids = tok.encode(args.text)
+    if args.file:
+        text = read_text(args.file)
+    elif args.text == "-":
+        text = sys.stdin.buffer.read().decode("utf-8")
+    else:
+        text = args.text
+    ids = tok.encode(text)
     print(" ".join(map(str, ids)))
     for id in ids:
         print(f"{id:>6}  '{tok.piece(id)}'")
@@ -678,9 +684,10 @@ def cmd_decode(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Byte-level BPE tokenizer.")
+    # allow_abbrev=False: a mistyped flag is an error, never another flag.
+    parser = argparse.ArgumentParser(description="Byte-level BPE tokenizer.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False}
     train = commands.add_parser("train", help="learn a vocabulary from the corpus", **defaults)
     train.add_argument("--vocab-size", type=int, default=3000,
                        help="bytes + merges + <|endoftext|>")
@@ -688,7 +695,9 @@ def main(argv=None):
                        help="folder of .txt files (env CORPUS_DIR)")
     train.add_argument("--out", default=DEFAULT_TOKENIZER, help="where to write tokenizer.json")
     encode = commands.add_parser("encode", help="text -> ids", **defaults)
-    encode.add_argument("text")
+    source = encode.add_mutually_exclusive_group()
+    source.add_argument("text", nargs="?", default="-", help="text to encode; left out or -: stdin")
+    source.add_argument("--file", help="read the text from this UTF-8 file")
     decode = commands.add_parser("decode", help="ids -> text", **defaults)
     decode.add_argument("ids", type=int, nargs="+")
     for command in (encode, decode):
@@ -709,4 +718,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # A closed pipe (`| head`) ends the program quietly, as it ends other Unix tools.
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     main()

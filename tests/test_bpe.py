@@ -523,6 +523,41 @@ def test_writing_over_a_folder_names_it_and_leaves_no_temp_file(tmp_path, tok):
     assert not (tmp_path / "tok.tmp").exists()
 
 
+def test_encode_reads_a_file_or_stdin(tok, tmp_path):
+    tok.save(tmp_path / "tok.json")
+    (tmp_path / "text.txt").write_text(RUSSIAN, encoding="utf-8")
+    expected = " ".join(map(str, tok.encode(RUSSIAN.replace("\r\n", "\n")))) + "\n"  # read as the corpus is
+    runs = [run_bpe("encode", "--tokenizer", tmp_path / "tok.json", "--file", tmp_path / "text.txt")]
+    for args in ([], ["-"]):
+        runs.append(subprocess.run([sys.executable, str(ROOT / "bpe.py"), "encode", "--tokenizer",
+                                    str(tmp_path / "tok.json"), *args], input=RUSSIAN.replace("\r\n", "\n"),
+                                   capture_output=True, encoding="utf-8"))
+    for run in runs:
+        assert run.returncode == 0 and run.stdout.startswith(expected), run.stderr
+    assert "stdin" in run_bpe("encode", "--help").stdout
+    both = run_bpe("encode", "--tokenizer", tmp_path / "tok.json", "--file", tmp_path / "text.txt", "text")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_an_abbreviated_flag_is_an_error(tmp_path):
+    data = write_corpus(tmp_path / "c", NOVELS)
+    result = run_bpe("train", "--vocab", 300, "--data", data, "--out", tmp_path / "t.json")
+    assert result.returncode == 2 and "unrecognized arguments: --vocab" in result.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tok, tmp_path):
+    tok.save(tmp_path / "tok.json")
+    (tmp_path / "long.txt").write_text(SAMPLE * 300, encoding="utf-8")  # ~1 MB of output, past a pipe's buffer
+    command = [sys.executable, str(ROOT / "bpe.py"), "encode", "--tokenizer", tmp_path / "tok.json",
+               "--file", tmp_path / "long.txt"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert len(process.stdout.read(5)) == 5
+        process.stdout.close()  # as `| head -c 5` does
+        err = process.stderr.read()
+    assert process.returncode in (0, -13, 141) and err == b""  # -13: ended by SIGPIPE
+
+
 def test_token_arrays_whose_record_was_never_written_are_not_reused(tok, tmp_path, monkeypatch):
     path = tmp_path / "train.bin"
     first = [("a.txt", RUSSIAN)]
