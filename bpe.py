@@ -684,9 +684,9 @@ def cmd_decode(args):
 
 
 def main(argv=None):
-    # allow_abbrev=False: a mistyped flag is an error, never another flag.
-    parser = argparse.ArgumentParser(description="Byte-level BPE tokenizer.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Byte-level BPE tokenizer.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # allow_abbrev=False: a mistyped flag is an error, never another flag.
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False}
     train = commands.add_parser("train", help="learn a vocabulary from the corpus", **defaults)
     train.add_argument("--vocab-size", type=int, default=3000,
