@@ -26,7 +26,7 @@ CHAR_BUDGETS = {
     "mistral.py": 49_000,
     "mixtral.py": 55_000,
     "gemma.py": 47_500,
-    "bpe.py": 25_500,
+    "bpe.py": 28_000,
     "qwen3.py": 56_000,
     "gemma3.py": 60_000,
     "deepseek.py": 68_000,
