@@ -567,6 +567,9 @@ def run_tokenizer(texts, out_dir, vocab_size, log, resume):
         made = json.loads(source_path.read_text("utf-8")) if source_path.exists() else {}
         if made == {**source, "tokenizer": tok.fingerprint}:
             return tok
+        # A run older than the record, or a fine-tuning's: its checkpoint vouches for it.
+        if resume and not made:
+            return tok
         if resume:
             asked = made.get("vocab_size", "?")
             raise ValueError(f"{tok_path} ({tok.vocab_size} tokens for --vocab-size {asked}) was "

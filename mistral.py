@@ -723,9 +723,13 @@ def prepare_data(config, cfg, log):
     """The run's tokenizer and token arrays, and config with the tokenizer's vocab_size."""
     if RANK != 0:
         dist.barrier()
-    # A tokenizer already in the run's folder stays.
-    vocab_size = None if (Path(cfg.out_dir) / "tokenizer.json").exists() else config.vocab_size
-    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log)
+    vocab_size = config.vocab_size
+    # A released model brings its own tokenizer.
+    if cfg.init_from:
+        vocab_size = None
+    # Ours is trained, or kept if made here from this text for this size (bpe.run_tokenizer).
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log,
+                                                   resume=cfg.resume)
     if WORLD_SIZE > 1 and RANK == 0:
         dist.barrier()
     splits = {"train": load_tokens(train_path), "val": load_tokens(val_path)}

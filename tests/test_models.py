@@ -387,6 +387,20 @@ def test_resume_continues_exactly(m, corpus, tmp_path, capsys):
     assert (tmp_path / "split" / "log.csv").read_text().count("\n") == 1 + 4  # header; evals at 3, 4, 6, 8
 
 
+def test_a_new_run_trains_its_own_tokenizer_and_a_resumed_one_keeps_it(m, corpus, tmp_path, capsys):
+    """A tokenizer left in the folder by a run on other data is replaced, not reused; a resumed
+    run keeps its own, even one from before the folder's record (tokenizer.source.json)."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    bpe.Tokenizer.train(["Мама мыла раму."], 300).save(out_dir / "tokenizer.json")
+    code, out, _ = main(m, capsys, *train_args(corpus, out_dir, "--max-iters", 2))
+    assert code == 0 and "training anew" in out
+    assert bpe.Tokenizer.load(out_dir / "tokenizer.json").vocab_size == 300
+    (out_dir / "tokenizer.source.json").unlink()
+    code, out, _ = main(m, capsys, *train_args(corpus, out_dir, "--max-iters", 4, "--resume"))
+    assert code == 0 and "resuming from" in out and "training a" not in out
+
+
 def last_logged_step(out_dir):
     return int((out_dir / "log.csv").read_text().splitlines()[-1].split(",")[0])
 
