@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -408,18 +409,23 @@ class Block(nn.Module):
         return x + moe, router_logits  # (B, T, n_embd), (B * T, n_expert)
 
 
+def check_sampling(temperature, top_k, top_p):
+    """Raise ValueError for a temperature that is NaN, infinite or negative, or a top_k or
+    top_p out of range."""
+    check(0 <= temperature < math.inf,
+          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
+    check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0
     (and near 0), else drawn by softmax(logits / temperature) among the top_k likeliest, and
     of those the fewest that hold top_p of the probability.
 
-    Raises ValueError for a temperature that is NaN, infinite or negative, or a top_k or
-    top_p out of range.
+    Raises ValueError as check_sampling does.
     """
-    check(0 <= temperature < math.inf,
-          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
-    check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
-    check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     # The likeliest at 0, so that near temperature 0 the others go to -inf, never NaN;
@@ -537,22 +543,25 @@ class Mixtral(nn.Module):
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()
         check(T > 0, "generation needs at least one token to start from")
-        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-        tokens[:, :T] = idx
         kv_cache = None
         if use_cache:
             kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
         W = self.config.sliding_window
-        for t in range(T, T + max_new_tokens):  # t: tokens so far
+        text = idx  # (B, t): the text so far, t tokens
+        todo = idx  # (B, <= t): its tokens not cached yet
+        for _ in range(max_new_tokens):
             if kv_cache is None:
-                logits, _ = self(tokens[:, :t])  # (B, t, vocab_size): the whole text, uncropped
+                logits, _ = self(text)  # (B, t, vocab_size): the whole text, uncropped
             # The tokens not cached yet, W at a time: the prompt in chunks, then one per step.
             else:
-                for start in range(kv_cache.pos, t, W):
-                    chunk = tokens[:, start : min(start + W, t)]  # (B, <= W)
+                for chunk in todo.split(W, dim=1):  # (B, <= W)
                     logits, _ = self(chunk, kv_cache=kv_cache)
-            tokens[:, t : t + 1] = sample_next(logits[:, -1, :], temperature, top_k, top_p)
-            yield tokens[:, t : t + 1]
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            todo = next_id
+            # Only the uncached forward needs the whole text: with the cache, memory stays flat.
+            if kv_cache is None:
+                text = torch.cat([text, next_id], dim=1)  # (B, t + 1)
+            yield next_id
 
 
 # -----------------------------------------------------------------------------
@@ -917,7 +926,10 @@ def train_loop(run, model, splits, cfg, autocast, log):
             check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
             if run.step == first_step + 1 or run.step % 10 == 0:
                 aux_loss, low, high = run.model.balance().tolist()
-                log(f"step {run.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                progress = f"{run.step}/{cfg.max_iters}"
+                if cfg.max_time:
+                    progress = f"{run.step} ({run.elapsed:.0f}s of {cfg.max_time:.0f}s)"
+                log(f"step {progress} | loss {loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_s:,.0f} tok/s | balance: aux loss {aux_loss:.3f}, "
                     f"expert shares {low:.1%} to {high:.1%}")
             if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters or stopping:
@@ -929,6 +941,9 @@ def train(config, cfg):
     """Train a Mixtral of shape `config` on cfg.data into cfg.out_dir; under torchrun, one
     process per device (DDP)."""
     device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    # All the run makes goes into out_dir: one we cannot write fails now, not after the BPE.
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=cfg.out_dir).close()
     log = print if RANK == 0 else lambda *args: None
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     # A bad checkpoint fails before any work.
@@ -1000,6 +1015,10 @@ def load_trained(out_dir, device, init_from=None, tokenizer=None):
 
 def cmd_sample(args):
     """`sample`: stream generated text to stdout, the speed to stderr."""
+    # Bad flags fail before the model loads and the prompt is printed.
+    check(args.max_new_tokens >= 0,
+          f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
     check(tok or args.prompt_ids,
@@ -1007,6 +1026,9 @@ def cmd_sample(args):
     check(not args.prompt_ids or not (args.prompt or args.prompt_file),
           "give --prompt or --prompt-ids, not both")
     prompt = args.prompt or ""
+    # Bytes that are not UTF-8 reach argv as lone surrogates (PEP 383).
+    check(not any("\udc80" <= c <= "\udcff" for c in prompt),
+          "the prompt is not UTF-8 (nor is the terminal?): save it as UTF-8, pass --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
     # A text starts after <|endoftext|>.
@@ -1249,7 +1271,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, run, *run_fields):
-        sub = commands.add_parser(name, help=help,
+        # No abbreviations: a typo is an error, never another flag (--max-iter).
+        sub = commands.add_parser(name, help=help, allow_abbrev=False,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(run=run)
         add_fields(sub, TrainConfig, *run_fields)
@@ -1273,8 +1296,11 @@ def build_parser():
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float,
                         help="sample from the likeliest tokens holding this probability")
+    # Not "(default: True)", which would read as if the cache were off.
+    sample.set_defaults(cache=True)
     sample.add_argument("--no-cache", dest="cache", action="store_false",
-                        help="generate without the KV-cache")
+                        default=argparse.SUPPRESS,
+                        help="generate without the KV-cache (default: with it)")
     eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
                         "batch_size", "device")
     eval_args.add_argument("--data",
@@ -1283,16 +1309,50 @@ def build_parser():
     return parser
 
 
+def dialogue_prompt(argv):
+    """argv with `--prompt -Да` read as `--prompt=-Да`. A line of dialogue starts with a dash,
+    and argparse takes any word after one dash for a flag; ours have two dashes, but -h."""
+    argv = list(argv)
+    for i in range(len(argv) - 1):
+        value = argv[i + 1]
+        one_dash = value.startswith("-") and not value.startswith("--")
+        if argv[i] == "--prompt" and one_dash and value != "-h":
+            argv[i : i + 2] = [f"--prompt={value}"]
+            break
+    return argv
+
+
+def out_of_memory(error):
+    """Whether error says that memory ran out: torch.OutOfMemoryError (CUDA, MPS) or
+    MemoryError, or the plain RuntimeError of the CPU's allocator."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return "can't allocate memory" in str(error)
+
+
 def main(argv=None):
     """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser().parse_args(dialogue_prompt(argv))
     # UTF-8 whatever the console's code page, as in Python's UTF-8 mode.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)
-    except (ValueError, OSError, torch.OutOfMemoryError) as e:
+    except BrokenPipeError:
+        # A closed pipe (`| head`) ends the program quietly, as it ends other Unix tools;
+        # stdout goes to devnull for Python's last flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        print("error: out of memory: try a smaller --batch-size, --block-size or model",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ import csv
 import difflib
 import importlib
 import io
+import itertools
 import math
 import re
 import shutil
@@ -437,6 +438,8 @@ def test_max_time_stops_cleanly(m, corpus, tmp_path, capsys, monkeypatch):
     assert code == 0 and checkpoint(tmp_path)["step"] == last_logged_step(tmp_path) == 1
     assert re.search(r"^eval step 1: .* \| ETA 0:00:00$", out, re.MULTILINE), out
     assert f"done: {tmp_path / 'ckpt.pt'} is at step 1" in out
+    # The step log counts the budget's seconds, not --max-iters.
+    assert re.search(r"^step 1 \(\d+s of 5s\) \| loss", out, re.MULTILINE), out
 
 
 def test_a_time_budget_replaces_max_iters_and_resume_continues_its_clock(m, corpus, tmp_path, capsys, monkeypatch):
@@ -624,6 +627,11 @@ NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]
     (None, ["sample", "--out-dir", "{run}", "--top-p", "nan"], "top_p"),
     (None, ["sample", "--out-dir", "{run}", "--top-p", "0"], "top_p"),
     (None, ["sample", "--out-dir", "{run}", "--top-k", "0"], "top_k"),
+    (None, ["sample", "--out-dir", "{run}", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    # cp1251 bytes of a terminal that is not UTF-8, as Python puts them into argv
+    (None, ["sample", "--out-dir", "{run}", "--prompt", "\udcc4\udce0"], "--prompt-file"),
+    # An --out-dir that cannot be made fails before the BPE is trained.
+    (None, ["train", "--data", "{corpus}", "--out-dir", "{run}/ckpt.pt/new", *TINY], "ckpt.pt/new"),
     (None, ["sample", "--out-dir", "{run}", "--prompt-file", "{tmp}/none.txt"], "none.txt"),
     (None, ["eval", "--out-dir", "{run}", "--text", "{tmp}/none.txt"], "none.txt"),
     (blank_prompt, ["sample", "--out-dir", "{run}", "--prompt-file", "{run}/blank.txt"], "blank.txt"),
@@ -636,6 +644,78 @@ def test_bad_input_gives_one_line_and_exit_1(m, spoil, argv, key, trained, corpu
         spoil(m, run)
     code, _, err = main(m, capsys, *[a.format(tmp=tmp_path, run=run, corpus=corpus) for a in argv])
     assert one_line_error(code, err, key), err
+
+
+def test_bad_sampling_flags_fail_before_the_prompt_is_printed(m, trained, capsys):
+    code, out, err = main(m, capsys, "sample", "--out-dir", trained(m.name), "--prompt", "Мой дядя",
+                          "--top-p", "2")
+    assert one_line_error(code, err, "top_p") and out == "", err
+
+
+def test_a_prompt_may_start_with_a_dash_as_dialogue_does(m, trained, capsys):
+    for prompt in ["-Да", "- Да, сказал он"]:
+        code, out, err = main(m, capsys, "sample", "--out-dir", trained(m.name), "--prompt", prompt,
+                              "--max-new-tokens", 3, "--device", "cpu")
+        assert code == 0 and out.startswith(prompt), err
+
+
+def test_flags_are_never_abbreviated(m, corpus, tmp_path, capsys):
+    code, _, err = main(m, capsys, *train_args(corpus, tmp_path, "--max-iter", 3))
+    assert one_line_error(code, err, "unrecognized arguments: --max-iter 3"), err
+
+
+@pytest.mark.parametrize("message", ["DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                     "800000000000 bytes. Error code 12 (Cannot allocate memory)", None])
+def test_running_out_of_memory_is_one_line(m, message, corpus, tmp_path, capsys, monkeypatch):
+    """The CPU's allocator raises a plain RuntimeError; CUDA and MPS raise torch.OutOfMemoryError."""
+    def allocate(*args):
+        if message:
+            raise RuntimeError(message)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 ...")
+
+    monkeypatch.setattr(m.module, "prepare_data", allocate)
+    code, _, err = main(m, capsys, *train_args(corpus, tmp_path))
+    assert one_line_error(code, err, "out of memory: try a smaller --batch-size"), err
+
+
+def test_any_other_runtime_error_is_a_bug_and_keeps_its_traceback(m, corpus, tmp_path, capsys, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(m.module, "prepare_data", fail)
+    with pytest.raises(RuntimeError, match="shapes"):
+        m.module.main(train_args(corpus, tmp_path))
+
+
+def test_a_closed_pipe_ends_sample_quietly(m, trained):
+    """`sample | head -c 20`: no error, no traceback, as Unix tools end."""
+    argv = ["sample", "--out-dir", trained(m.name), "--max-new-tokens", 100000, "--device", "cpu"]
+    argv = [sys.executable, ROOT / f"{m.name}.py", *map(str, argv)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV,
+                          cwd=ROOT) as process:
+        process.stdout.read(20)
+        process.stdout.close()
+        err = process.stderr.read().decode()
+    assert process.returncode == 141 and err == "", err
+
+
+def test_a_huge_max_new_tokens_needs_no_memory_ahead(m):
+    """10**12 new tokens would be 8 TB of ids preallocated: a stream holds only what it needs."""
+    torch.manual_seed(0)
+    model = m.build().eval()
+    idx = torch.randint(0, 40, (1, 5))
+    expected = model.generate(idx, 20, temperature=0.0)[:, 5:]
+    for cache in [True, False][: 1 + m.cache]:
+        options = {"use_cache": cache} if m.cache else {}
+        stream = model.stream(idx, 10**12, temperature=0.0, **options)
+        assert torch.equal(torch.cat(list(itertools.islice(stream, 20)), dim=1), expected)
+
+
+@pytest.mark.parametrize("m", CACHED, indirect=True)
+def test_no_cache_does_not_read_as_off_by_default(m, capsys):
+    _, out, _ = main(m, capsys, "sample", "--help")
+    assert "without the KV-cache (default: with it)" in " ".join(out.split())
+    assert m.module.build_parser().parse_args(["sample"]).cache
 
 
 @pytest.mark.parametrize("command", ["sample", "eval", "train"])
