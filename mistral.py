@@ -4,19 +4,22 @@ Mistral from scratch: the model, its data, training, sampling and command line i
 Mistral 7B (Jiang et al., 2023, "Mistral 7B") is LLaMA (llama.py: RMSNorm, RoPE, SwiGLU,
 grouped-query attention, an untied head) with sliding-window attention:
 
-  - Each query attends to the last sliding_window keys only, its own included, not to all before it.
-  - So the model is defined on any length: RoPE turns by absolute position, computed for any, and
-    block_size is only the length it trains on.
-  - A rolling-buffer KV-cache: sliding_window slots per layer, position p written in slot
-    p % sliding_window. Its memory is fixed, a cached step costs the same at any length, and
-    it is never re-filled.
-  - Chunked prefill: a long prompt goes through the cache sliding_window tokens at a time.
+  - Each query attends to the last sliding_window keys only, its own included, not to
+    all before it.
+  - So the model is defined on any length: RoPE turns by absolute position, computed for
+    any, and block_size is only the length it trains on.
+  - A rolling-buffer KV-cache: sliding_window slots per layer, position p written in
+    slot p % sliding_window. Its memory is fixed, a cached step costs the same at any
+    length, and it is never re-filled.
+  - Chunked prefill: a long prompt goes through the cache sliding_window tokens at a
+    time.
 
     python mistral.py train                  # tokenizer, encoded corpus, then training
     python mistral.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` reads Hugging Face's Mistral folders (see `--prompt-ids`, `--tokenizer`).
+`--init-from DIR` reads Hugging Face's Mistral folders
+(see `--prompt-ids`, `--tokenizer`).
 """
 
 import argparse
@@ -178,11 +181,12 @@ def apply_rope(x, cos, sin):
 
 
 # The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for
-# sliding_window = W (its masking_utils keeps key j for query i where j > i - W, and j <= i):
-# query i sees the keys i - W < j <= i, W of them, its own included. Stacked layers reach
-# further: layer 1's output at j already mixes the tokens back to j - (W - 1), so layer 2's at i
-# mixes those back to i - 2 (W - 1), and the last layer's logits see n_layer * (W - 1) positions
-# back, as a deep CNN's receptive field grows with depth.
+# sliding_window = W (its masking_utils keeps key j for query i where j > i - W and
+# j <= i): query i sees the keys i - W < j <= i, W of them, its own included. Stacked
+# layers reach further: layer 1's output at j already mixes the tokens back to
+# j - (W - 1), so layer 2's at i mixes those back to i - 2 (W - 1), and the last
+# layer's logits see n_layer * (W - 1) positions back, as a deep CNN's receptive field
+# grows with depth.
 
 
 def attention(q, k, v, window, dropout_p=0.0):
@@ -207,10 +211,11 @@ def attention(q, k, v, window, dropout_p=0.0):
 
 
 class KVCache:
-    """Mistral's rolling buffer: the keys and values of the last W = sliding_window tokens, per
-    layer, of the shared heads only, in buffers (B, n_kv_head, W, head_size); position p goes
-    to slot p % W, over position p - W, which has left every later query's window. O(W) memory
-    at any length. The next tokens are at positions pos, ..."""
+    """Mistral's rolling buffer: the keys and values of the last W = sliding_window
+    tokens, per layer, of the shared heads only, in buffers
+    (B, n_kv_head, W, head_size); position p goes to slot p % W, over position p - W,
+    which has left every later query's window. O(W) memory at any length. The next
+    tokens are at positions pos, ..."""
 
     def __init__(self, config, batch_size, device, dtype):
         head_size = config.n_embd // config.n_head
@@ -221,11 +226,12 @@ class KVCache:
         self.window = config.sliding_window
 
     def update(self, layer, k, v):
-        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions pos, ..., pos + T - 1
-        and return the keys and values they attend to (B, n_kv_head, T_k, head_size);
-        Mistral.forward advances pos once every layer has stored. One token: the buffer itself,
-        in slot order (one query's softmax ignores order). A chunk: the cached last W - 1
-        positions, then its own, in position order, for attention's mask."""
+        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions
+        pos, ..., pos + T - 1 and return the keys and values they attend to
+        (B, n_kv_head, T_k, head_size); Mistral.forward advances pos once every layer has
+        stored. One token: the buffer itself, in slot order (one query's softmax ignores
+        order). A chunk: the cached last W - 1 positions, then its own, in position
+        order, for attention's mask."""
         W = self.window
         T = k.size(2)
         # Decoding: the ring as it is, min(pos + 1, W) slots, all in the window.
@@ -394,9 +400,10 @@ class Mistral(nn.Module):
         return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """Logits (B, T, vocab_size) for the token ids idx (B, T), T of any length, and, given
-        targets (B, T), the mean cross-entropy loss (else None). With a kv_cache, idx are the
-        tokens after the cached ones, at positions kv_cache.pos, kv_cache.pos + 1, ..."""
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), T of any length, and,
+        given targets (B, T), the mean cross-entropy loss (else None). With a kv_cache,
+        idx are the tokens after the cached ones, at positions
+        kv_cache.pos, kv_cache.pos + 1, ..."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
         # cos, sin (T, head_size): the turns of positions start, ..., start + T - 1
@@ -420,16 +427,17 @@ class Mistral(nn.Module):
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True):
-        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
-        step runs the whole text so far, uncropped; with it, the first runs the prompt in chunks
-        of sliding_window tokens (chunked prefill), the others one token each.
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache
+        each step runs the whole text so far, uncropped; with it, the first runs the
+        prompt in chunks of sliding_window tokens (chunked prefill), the others one token
+        each.
 
-        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the cropped
-        window at each step: there a query sees every token before it, so cropping the oldest
-        changes every key and value from the second layer on. Here a query never sees further
-        back than sliding_window, and RoPE's scores depend on distances only: a key or value,
-        once computed, stays the full forward's at any length, and the rolling cache computes
-        exactly the uncropped model.
+        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the
+        cropped window at each step: there a query sees every token before it, so
+        cropping the oldest changes every key and value from the second layer on. Here a
+        query never sees further back than sliding_window, and RoPE's scores depend on
+        distances only: a key or value, once computed, stays the full forward's at any
+        length, and the rolling cache computes exactly the uncropped model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()

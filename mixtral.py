@@ -1,26 +1,27 @@
 """
 Mixtral from scratch: the model, its data, training, sampling and command line in one file.
 
-Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is Mistral (mistral.py) with each
-block's MLP replaced by a sparse mixture of experts (Shazeer et al., 2017; Fedus et al., 2022,
-"Switch Transformers"):
+Mixtral 8x7B (Jiang et al., 2024, "Mixtral of Experts") is Mistral (mistral.py) with
+each block's MLP replaced by a sparse mixture of experts (Shazeer et al., 2017;
+Fedus et al., 2022, "Switch Transformers"):
 
   - n_expert SwiGLU MLPs per block, the experts, and a router, Linear(n_embd, n_expert),
     scoring them.
-  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8), their
-    outputs weighted by a softmax over those scores: the parameters of n_expert MLPs, the
-    compute of n_expert_per_token.
-  - A load-balancing loss (Switch Transformer's) against a router that sends most tokens to a
-    few experts.
+  - Each token goes to its n_expert_per_token best-scored experts (Mixtral: 2 of 8),
+    their outputs weighted by a softmax over those scores: the parameters of n_expert
+    MLPs, the compute of n_expert_per_token.
+  - A load-balancing loss (Switch Transformer's) against a router that sends most tokens
+    to a few experts.
 
-The default, 8 experts of half LLaMA's MLP width, top 2: 15.71M parameters, 5.98M active per token
-(mistral.py: 5.96M, the same compute).
+The default, 8 experts of half LLaMA's MLP width, top 2: 15.71M parameters, 5.98M active
+per token (mistral.py: 5.96M, the same compute).
 
     python mixtral.py train                  # tokenizer, encoded corpus, then training
     python mixtral.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` reads Hugging Face's Mixtral folders (see `--prompt-ids`, `--tokenizer`).
+`--init-from DIR` reads Hugging Face's Mixtral folders
+(see `--prompt-ids`, `--tokenizer`).
 """
 
 import argparse
@@ -193,11 +194,12 @@ def apply_rope(x, cos, sin):
 
 
 # The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for
-# sliding_window = W (its masking_utils keeps key j for query i where j > i - W, and j <= i):
-# query i sees the keys i - W < j <= i, W of them, its own included. Stacked layers reach
-# further: layer 1's output at j already mixes the tokens back to j - (W - 1), so layer 2's at i
-# mixes those back to i - 2 (W - 1), and the last layer's logits see n_layer * (W - 1) positions
-# back, as a deep CNN's receptive field grows with depth.
+# sliding_window = W (its masking_utils keeps key j for query i where j > i - W and
+# j <= i): query i sees the keys i - W < j <= i, W of them, its own included. Stacked
+# layers reach further: layer 1's output at j already mixes the tokens back to
+# j - (W - 1), so layer 2's at i mixes those back to i - 2 (W - 1), and the last
+# layer's logits see n_layer * (W - 1) positions back, as a deep CNN's receptive field
+# grows with depth.
 
 
 def attention(q, k, v, window, dropout_p=0.0):
@@ -222,10 +224,11 @@ def attention(q, k, v, window, dropout_p=0.0):
 
 
 class KVCache:
-    """Mixtral's rolling buffer: the keys and values of the last W = sliding_window tokens, per
-    layer, of the shared heads only, in buffers (B, n_kv_head, W, head_size); position p goes
-    to slot p % W, over position p - W, which has left every later query's window. O(W) memory
-    at any length. The next tokens are at positions pos, ..."""
+    """Mixtral's rolling buffer: the keys and values of the last W = sliding_window
+    tokens, per layer, of the shared heads only, in buffers
+    (B, n_kv_head, W, head_size); position p goes to slot p % W, over position p - W,
+    which has left every later query's window. O(W) memory at any length. The next
+    tokens are at positions pos, ..."""
 
     def __init__(self, config, batch_size, device, dtype):
         head_size = config.n_embd // config.n_head
@@ -236,11 +239,12 @@ class KVCache:
         self.window = config.sliding_window
 
     def update(self, layer, k, v):
-        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions pos, ..., pos + T - 1
-        and return the keys and values they attend to (B, n_kv_head, T_k, head_size);
-        Mixtral.forward advances pos once every layer has stored. One token: the buffer itself,
-        in slot order (one query's softmax ignores order). A chunk: the cached last W - 1
-        positions, then its own, in position order, for attention's mask."""
+        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions
+        pos, ..., pos + T - 1 and return the keys and values they attend to
+        (B, n_kv_head, T_k, head_size); Mixtral.forward advances pos once every layer has
+        stored. One token: the buffer itself, in slot order (one query's softmax ignores
+        order). A chunk: the cached last W - 1 positions, then its own, in position
+        order, for attention's mask."""
         W = self.window
         T = k.size(2)
         # Decoding: the ring as it is, min(pos + 1, W) slots, all in the window.
@@ -317,18 +321,18 @@ class MLP(nn.Module):
         return F.dropout(x, self.dropout, self.training)
 
 
-# An expert's tokens past PAD_ROWS are padded with zero rows to a multiple of it (MegaBlocks pads
-# to its block size): a CPU's bfloat16 matmul (oneDNN) compiles a kernel for each new shape, 2 to
-# 4 ms, and the counts change at every step.
+# An expert's tokens past PAD_ROWS are padded with zero rows to a multiple of it
+# (MegaBlocks pads to its block size): a CPU's bfloat16 matmul (oneDNN) compiles a kernel
+# for each new shape, 2 to 4 ms, and the counts change at every step.
 PAD_ROWS = 64
 
 
 def dispatch(x, chosen, weights, experts):
-    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen and
-    weights (N, k) -> (N, n_embd). The (token, expert) pairs sorted by expert, each expert runs
-    once, on its own tokens: N * k products, not N * n_expert. Dropless: Switch Transformer
-    gives each expert capacity_factor * N * k / n_expert slots (one matmul shape on TPUs) and
-    drops the tokens past them, to the residual stream only."""
+    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen
+    and weights (N, k) -> (N, n_embd). The (token, expert) pairs sorted by expert, each
+    expert runs once, on its own tokens: N * k products, not N * n_expert. Dropless:
+    Switch Transformer gives each expert capacity_factor * N * k / n_expert slots (one
+    matmul shape on TPUs) and drops the tokens past them, to the residual stream only."""
     k = chosen.size(1)
     order = chosen.flatten().argsort(stable=True)  # (N * k,): the pairs, grouped by expert
     tokens = order // k  # (N * k,): each pair's token
@@ -529,16 +533,17 @@ class Mixtral(nn.Module):
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True):
-        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
-        step runs the whole text so far, uncropped; with it, the first runs the prompt in chunks
-        of sliding_window tokens (chunked prefill), the others one token each.
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache
+        each step runs the whole text so far, uncropped; with it, the first runs the
+        prompt in chunks of sliding_window tokens (chunked prefill), the others one token
+        each.
 
-        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the cropped
-        window at each step: there a query sees every token before it, so cropping the oldest
-        changes every key and value from the second layer on. Here a query never sees further
-        back than sliding_window, and RoPE's scores depend on distances only: a key or value,
-        once computed, stays the full forward's at any length, and the rolling cache computes
-        exactly the uncropped model.
+        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the
+        cropped window at each step: there a query sees every token before it, so
+        cropping the oldest changes every key and value from the second layer on. Here a
+        query never sees further back than sliding_window, and RoPE's scores depend on
+        distances only: a key or value, once computed, stays the full forward's at any
+        length, and the rolling cache computes exactly the uncropped model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()

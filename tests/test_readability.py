@@ -19,13 +19,15 @@ import pytest
 from conftest import ROOT
 
 # Rule 6: non-blank characters without indentation, per file (later files when present).
+# The readability issue's budgets, plus 2.5K each for what issue 23 added to every model
+# file (2.1K to 2.4K measured: the tokenizer record, checks before work, streaming, ...).
 CHAR_BUDGETS = {
-    "gpt1.py": 31_000,
-    "gpt2.py": 42_000,
-    "llama.py": 46_500,
-    "mistral.py": 49_000,
-    "mixtral.py": 55_000,
-    "gemma.py": 47_500,
+    "gpt1.py": 33_500,
+    "gpt2.py": 44_500,
+    "llama.py": 49_000,
+    "mistral.py": 51_500,
+    "mixtral.py": 57_500,
+    "gemma.py": 50_000,
     "bpe.py": 28_000,
     "qwen3.py": 56_000,
     "gemma3.py": 60_000,
@@ -66,7 +68,6 @@ PAIRS = [pair for pair in DIFF_BUDGETS if all((ROOT / name).exists() for name in
 # The files that break a rule today, while the readability issue is still open. Each entry
 # goes when its file is mended; the marks are strict, so a mended file fails until it goes.
 NOT_YET = {
-    "rule1_88": {"mistral.py", "mixtral.py"},
     "rule6": {"gpt1.py", "gpt2.py", "llama.py", "mistral.py", "mixtral.py", "gemma.py"},
 }
 
