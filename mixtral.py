@@ -902,10 +902,10 @@ def train_loop(run, model, splits, cfg, autocast, log):
     block_size = run.model.config.block_size
     device = run.model.lm_head.weight.device
     first_step = run.step
-    past = run.elapsed  # seconds trained before this session
+    elapsed_before = run.elapsed  # seconds trained before this session
     start = time.time()
     budget = cfg.max_time or math.inf
-    stopping = past >= budget  # a budget spent already
+    stopping = elapsed_before >= budget  # a budget spent already
     with ctrl_c_stops() as stop:
         while (cfg.max_time or run.step < cfg.max_iters) and not stopping:
             lr = get_lr(run.step, cfg, run.elapsed)
@@ -918,7 +918,7 @@ def train_loop(run, model, splits, cfg, autocast, log):
                               autocast)
             run.step += 1
             tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
-            elapsed = past + time.time() - start
+            elapsed = elapsed_before + time.time() - start
             stopping = bool(stop) or elapsed > budget
             # One process's stop or NaN stops all: the rest would wait for its gradients forever.
             # The sum keeps a NaN or inf; process 0's clock sets every process's lr.
@@ -960,9 +960,9 @@ def train(config, cfg):
     config, tok, splits = prepare_data(config, cfg, log)
     # The same initial weights in every process.
     torch.manual_seed(cfg.seed)
-    model = Mixtral(config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    run = Run(model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
+    raw_model = Mixtral(config).to(device)
+    optimizer = configure_optimizer(raw_model, cfg, device)
+    run = Run(raw_model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
     if checkpoint:
         restore(run, checkpoint, ckpt_path)
         # The run keeps its time budget, unless given a new one.
@@ -970,7 +970,7 @@ def train(config, cfg):
         log(f"resuming from {ckpt_path} at step {run.step}")
     elif cfg.init_from:
         # Fine-tuning: start from the released weights.
-        load_pretrained_weights(model, cfg.init_from)
+        load_pretrained_weights(raw_model, cfg.init_from)
     if not checkpoint and RANK == 0:
         columns = ("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s,"
                    "aux_loss,min_expert_share,max_expert_share")
@@ -979,16 +979,16 @@ def train(config, cfg):
     # bfloat16 matmuls; the rest stays float32.
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
     # What the loop calls; run.model stays the plain Mixtral, as checkpoints keep it.
-    trained = torch.compile(model) if cfg.compile else model
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if WORLD_SIZE > 1:
-        trained = DistributedDataParallel(trained)
-    active = model.num_params(active=True)
-    log(f"{MODEL}: {model.num_params() / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per "
+        model = DistributedDataParallel(model)
+    active = raw_model.num_params(active=True)
+    log(f"{MODEL}: {raw_model.num_params() / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per "
         f"token, {config}")
     log(f"tokens: {len(splits['train']):,} train, {len(splits['val']):,} val | {device}, "
         f"{'bfloat16' if bfloat16 else 'float32'}, {WORLD_SIZE} process(es)")
     try:
-        stopped = train_loop(run, trained, splits, cfg, autocast, log)
+        stopped = train_loop(run, model, splits, cfg, autocast, log)
         if WORLD_SIZE > 1:
             # Every process done before the group goes: one leaving early can abort another.
             dist.barrier()
@@ -999,7 +999,7 @@ def train(config, cfg):
         log(f"stopped by Ctrl-C at step {run.step}: saved {ckpt_path}; --resume continues")
     else:
         log(f"done: {ckpt_path} is at step {run.step}")
-    return model
+    return raw_model
 
 
 # -----------------------------------------------------------------------------
@@ -1033,7 +1033,8 @@ def cmd_sample(args):
     prompt = args.prompt or ""
     # Bytes that are not UTF-8 reach argv as lone surrogates (PEP 383).
     check(not any("\udc80" <= c <= "\udcff" for c in prompt),
-          "the prompt is not UTF-8 (nor is the terminal?): save it as UTF-8, pass --prompt-file")
+          "the prompt is not UTF-8 (is the terminal set to another encoding?): "
+          "save it in a UTF-8 file and pass --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
     # A text starts after <|endoftext|>.
