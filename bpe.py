@@ -594,7 +594,9 @@ def encode_corpus(tok, docs, path, log=print):
         "text_sha256": sha256("".join(text for _, text in docs)),
     }
     if path.exists() and meta_path.exists():
-        if json.loads(meta_path.read_text(encoding="utf-8")) == identity:
+        # Its size too: a truncated array is made again.
+        made = {**identity, "bytes": path.stat().st_size}
+        if json.loads(meta_path.read_text(encoding="utf-8")) == made:
             return path
     # Until the new record is written, no record may vouch for the new array.
     meta_path.unlink(missing_ok=True)
@@ -607,7 +609,8 @@ def encode_corpus(tok, docs, path, log=print):
     if sys.byteorder == "big":
         ids.byteswap()
     write_atomically(path, ids.tobytes())
-    write_atomically(meta_path, json.dumps(identity, indent=1).encode("utf-8"))
+    made = {**identity, "bytes": 2 * len(ids)}
+    write_atomically(meta_path, json.dumps(made, indent=1).encode("utf-8"))
     seconds = time.time() - start
     log(f"encoded {len(docs)} documents into {path}: "
         f"{len(ids):,} tokens in {seconds:.1f}s")

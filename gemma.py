@@ -1113,6 +1113,7 @@ def cmd_eval(args):
     else:  # the run's own, as train encoded it
         what = f"validation split of {args.out_dir}"
         tokens = load_tokens(Path(args.out_dir) / "val.bin")
+    check(len(tokens) > 1, f"{what} has no token to predict")
     batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
     char_counts = torch.tensor(tok.char_counts(), device=device)
     loss, bpc = evaluate(model, batches, char_counts, device)

@@ -575,3 +575,14 @@ def test_token_arrays_whose_record_was_never_written_are_not_reused(tok, tmp_pat
     monkeypatch.undo()
     bpe.encode_corpus(tok, first, path, log=lambda *_: None)
     assert tok.decode(read_ids(path)) == bpe.EOT + RUSSIAN
+
+
+def test_a_truncated_token_array_is_made_again(tok, tmp_path):
+    """A copy cut short keeps its record; the array's size in the record gives it away."""
+    path = tmp_path / "train.bin"
+    docs = [("a.txt", RUSSIAN)]
+    bpe.encode_corpus(tok, docs, path, log=lambda *_: None)
+    path.write_bytes(path.read_bytes()[:10])
+    lines = []
+    bpe.encode_corpus(tok, docs, path, log=lines.append)
+    assert lines and tok.decode(read_ids(path)) == bpe.EOT + RUSSIAN

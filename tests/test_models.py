@@ -589,6 +589,10 @@ def non_finite_weights(m, run):
     torch.save(saved, run / "ckpt.pt")
 
 
+def damaged_val_split(m, run):
+    (run / "val.bin").write_bytes(b"abc")  # one token and a stray byte
+
+
 def blank_prompt(m, run):
     (run / "blank.txt").write_text(" \n", encoding="utf-8")
 
@@ -636,6 +640,7 @@ NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]
     (None, ["eval", "--out-dir", "{run}", "--text", "{tmp}/none.txt"], "none.txt"),
     (blank_prompt, ["sample", "--out-dir", "{run}", "--prompt-file", "{run}/blank.txt"], "blank.txt"),
     (None, ["eval", "--out-dir", "{run}", "--batch-size", "0"], "--batch-size"),
+    (damaged_val_split, ["eval", "--out-dir", "{run}"], "no token to predict"),
 ])
 def test_bad_input_gives_one_line_and_exit_1(m, spoil, argv, key, trained, corpus, tmp_path, capsys):
     run = tmp_path / f"{m.name}-run"
