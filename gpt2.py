@@ -690,7 +690,9 @@ def train_loop(run, model, splits, cfg, autocast, log):
                     progress = f"{run.step} ({run.elapsed:.0f}s of {cfg.max_time:.0f}s)"
                 log(f"step {progress} | loss {loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_s:,.0f} tok/s")
-            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters or stopping:
+            # Under a time budget, max_iters counts nothing.
+            at_end = run.step == cfg.max_iters and not cfg.max_time
+            if run.step % cfg.eval_interval == 0 or at_end or stopping:
                 evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
     return bool(stop)
 
@@ -772,6 +774,7 @@ def cmd_sample(args):
     check(args.max_new_tokens >= 0,
           f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
+    check(not (args.prompt and args.prompt_file), "give --prompt or --prompt-file, not both")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from)
     prompt = args.prompt or ""

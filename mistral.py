@@ -100,7 +100,8 @@ class MistralConfig:
               "the head size n_embd // n_head must be even: RoPE turns pairs")
         check(self.n_head % self.n_kv_head == 0,
               f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        check(self.rope_theta > 1, f"rope_theta must be greater than 1, got {self.rope_theta}")
+        check(1 < self.rope_theta < math.inf,
+              f"rope_theta must be finite and greater than 1, got {self.rope_theta}")
         # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2.
         if self.mlp_hidden is None:
             hidden = int(8 * self.n_embd / 3)
@@ -827,7 +828,9 @@ def train_loop(run, model, splits, cfg, autocast, log):
                     progress = f"{run.step} ({run.elapsed:.0f}s of {cfg.max_time:.0f}s)"
                 log(f"step {progress} | loss {loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_s:,.0f} tok/s")
-            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters or stopping:
+            # Under a time budget, max_iters counts nothing.
+            at_end = run.step == cfg.max_iters and not cfg.max_time
+            if run.step % cfg.eval_interval == 0 or at_end or stopping:
                 evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
     return bool(stop)
 
@@ -911,6 +914,7 @@ def cmd_sample(args):
     check(args.max_new_tokens >= 0,
           f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
+    check(not (args.prompt and args.prompt_file), "give --prompt or --prompt-file, not both")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
     check(tok or args.prompt_ids,

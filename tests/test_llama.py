@@ -32,6 +32,7 @@ def tiny(**kwargs):
     (dict(mlp_hidden=-5), "mlp_hidden"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(rope_theta=1.0), "rope_theta"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
 ])
 def test_config_rejects_impossible_values(kwargs, key):
     with pytest.raises(ValueError, match=key):

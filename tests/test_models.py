@@ -447,7 +447,8 @@ def test_a_time_budget_replaces_max_iters_and_resume_continues_its_clock(m, corp
     budget and the seconds trained, so a resumed run goes on with the same clock, and one whose time is spent stops."""
     monkeypatch.setattr(m.module, "time", SimpleNamespace(time=count(0, 1).__next__))  # 1 s a call
     argv = train_args(corpus, tmp_path, "--max-iters", 3, "--eval-interval", 100)
-    assert main(m, capsys, *argv, "--max-time", "60s")[0] == 0
+    code, out, _ = main(m, capsys, *argv, "--max-time", "60s")
+    assert code == 0 and "eval step 3:" not in out  # --max-iters 3 counts nothing here
     saved, last = checkpoint(tmp_path), list(csv.DictReader((tmp_path / "log.csv").open()))[-1]
     assert saved["step"] > 3 and 60 < saved["elapsed"] < 70 and float(last["elapsed_s"]) > 60
     lr_floor = m.module.TrainConfig().lr / 10
@@ -632,6 +633,8 @@ NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]
     (None, ["sample", "--out-dir", "{run}", "--top-p", "0"], "top_p"),
     (None, ["sample", "--out-dir", "{run}", "--top-k", "0"], "top_k"),
     (None, ["sample", "--out-dir", "{run}", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (blank_prompt, ["sample", "--out-dir", "{run}", "--prompt", "x", "--prompt-file", "{run}/blank.txt"],
+     "not both"),
     # cp1251 bytes of a terminal that is not UTF-8, as Python puts them into argv
     (None, ["sample", "--out-dir", "{run}", "--prompt", "\udcc4\udce0"], "--prompt-file"),
     # An --out-dir that cannot be made fails before the BPE is trained.
