@@ -401,8 +401,7 @@ class Llama(nn.Module):
         kv_cache = None
         if use_cache:
             kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
-        # The last block_size tokens only: memory does not grow with max_new_tokens, so that a
-        # huge one means "until Ctrl-C".
+        # Only the window is kept, so that a huge max_new_tokens means "until Ctrl-C".
         window = idx[:, -self.config.block_size :]  # (B, <= block_size)
         for t in range(T, T + max_new_tokens):  # t: tokens so far
             cached = kv_cache is not None and kv_cache.pos == t - 1
@@ -878,8 +877,7 @@ def cmd_sample(args):
     prompt = args.prompt or ""
     # Bytes that are not UTF-8 reach argv as lone surrogates (PEP 383).
     check(not any("\udc80" <= c <= "\udcff" for c in prompt),
-          "the prompt is not UTF-8 (is the terminal set to another encoding?): "
-          "save it in a UTF-8 file and pass --prompt-file")
+          "the prompt is not UTF-8, nor perhaps the terminal: pass it in a file, --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
     # A text starts after <|endoftext|>.
@@ -1152,8 +1150,8 @@ def build_parser():
 
 
 def dialogue_prompt(argv):
-    """argv with `--prompt -Да` read as `--prompt=-Да`. A line of dialogue starts with a dash,
-    and argparse takes any word after one dash for a flag; ours have two dashes, but -h."""
+    """argv with `--prompt -Да` as `--prompt=-Да`: argparse takes a word after one dash for
+    a flag (ours have two, but -h), and a line of dialogue starts with one."""
     argv = list(argv)
     for i in range(len(argv) - 1):
         value = argv[i + 1]
@@ -1162,14 +1160,6 @@ def dialogue_prompt(argv):
             argv[i : i + 2] = [f"--prompt={value}"]
             break
     return argv
-
-
-def out_of_memory(error):
-    """Whether error says that memory ran out: torch.OutOfMemoryError (CUDA, MPS) or
-    MemoryError, or the plain RuntimeError of the CPU's allocator."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return "can't allocate memory" in str(error)
 
 
 def main(argv=None):
@@ -1183,15 +1173,16 @@ def main(argv=None):
     try:
         args.run(args)
     except BrokenPipeError:
-        # A closed pipe (`| head`) ends the program quietly, as it ends other Unix tools;
-        # stdout goes to devnull for Python's last flush.
+        # `| head` closed the pipe: end quietly, as Unix tools do (devnull for the last flush).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except (RuntimeError, MemoryError) as e:
-        if not out_of_memory(e):
+        # CUDA's and MPS's torch.OutOfMemoryError is a RuntimeError; the CPU's, a plain one.
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if not oom and "can't allocate memory" not in str(e):
             raise
         print("error: out of memory: try a smaller --batch-size, --block-size or model",
               file=sys.stderr)
