@@ -22,10 +22,11 @@ import os
 import signal
 import sys
 import time
+import unicodedata
 from array import array
 from collections import Counter, defaultdict
 from functools import cached_property
-from itertools import chain, repeat
+from itertools import chain, pairwise
 from operator import add
 from pathlib import Path
 
@@ -43,8 +44,6 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 EOT = "<|endoftext|>"
 # Token arrays on disk hold 2 bytes per token.
 MAX_VOCAB_SIZE = 2**16
-# The rank of a pair that was never merged: every real rank is smaller.
-NO_RANK = MAX_VOCAB_SIZE
 
 
 def count_chunks(texts, pattern=GPT2_PATTERN):
@@ -235,8 +234,14 @@ class Tokenizer:
         if special_tokens is None:
             special_tokens = {EOT: len(vocab)}
         self.special_tokens = special_tokens
+        # A text starts and ends with <|endoftext|>; tokenizer.json may say otherwise.
+        self.bos_id = special_tokens.get(EOT)
+        self.eos_id = self.bos_id
+        self.add_bos = True
+        # One regex, or (read from tokenizer.json) several that cut in turn.
         self.pattern = pattern
-        self._compiled = regex.compile(pattern)
+        patterns = [pattern] if isinstance(pattern, str) else pattern
+        self._compiled = [regex.compile(p) for p in patterns]
         specials = {id: name.encode("utf-8") for name, id in special_tokens.items()}
         tokens = {**vocab, **specials}
         if sorted(tokens) != list(range(len(vocab) + len(special_tokens))):
@@ -247,14 +252,14 @@ class Tokenizer:
         # Encoding works on strings of chr(id), as the fast trainer does: each byte
         # maps to its id, and each merge "ab" to its rank and its merged id.
         id_of = {token: id for id, token in vocab.items()}
+        self._id_of = id_of
         try:
             self._byte_ids = {b: chr(id_of[bytes([b])]) for b in range(256)}
             self._merged = [chr(id_of[vocab[a] + vocab[b]]) for a, b in self.merges]
         except KeyError as e:
             missing = e.args[0]
             raise ValueError(f"the vocabulary lacks the byte or merged token {missing!r}") from None
-        self._pairs = [chr(a) + chr(b) for a, b in self.merges]
-        self._ranks = {pair: rank for rank, pair in enumerate(self._pairs)}
+        self._ranks = {chr(a) + chr(b): rank for rank, (a, b) in enumerate(self.merges)}
         self._cache = {}
 
     @classmethod
@@ -273,16 +278,18 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder):
-        """Read GPT-2's files as Hugging Face publishes them: vocab.json ({token: id})
-        and merges.txt ("a b" a line, in rank order). A token that is neither a byte
-        nor made by a merge is a special token."""
+        """Read a Hugging Face folder's tokenizer.json (read_tokenizer_json), or GPT-2's
+        files: vocab.json ({token: id}) and merges.txt ("a b" a line, in rank order),
+        where a token that is neither a byte nor made by a merge is a special token."""
         folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            return read_tokenizer_json(folder)
         try:
             token2id = json.loads((folder / "vocab.json").read_text(encoding="utf-8-sig"))
             lines = (folder / "merges.txt").read_text(encoding="utf-8-sig").splitlines()
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: "
-                                    f"a GPT-2 tokenizer is vocab.json + merges.txt") from None
+            raise FileNotFoundError(f"{folder} lacks {Path(e.filename).name}: a tokenizer is "
+                                    f"tokenizer.json, or vocab.json + merges.txt") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{folder}'s vocab.json or merges.txt is not GPT-2's ({e})") from None
         pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
@@ -297,11 +304,16 @@ class Tokenizer:
         made = set(BYTE_STAND_INS.values()) | {a + b for a, b in pairs}
         vocab = {id: piece_to_bytes(piece) for piece, id in token2id.items() if piece in made}
         special = {piece: id for piece, id in token2id.items() if piece not in made}
-        return cls(merges, special, GPT2_PATTERN, vocab)
+        tok = cls(merges, special, GPT2_PATTERN, vocab)
+        # GPT-2's tokenizer puts nothing before a prompt.
+        tok.add_bos = False
+        return tok
 
     def save_pretrained(self, folder):
-        """Write vocab.json and merges.txt, the files `from_pretrained` reads."""
+        """Write vocab.json and merges.txt, and the same as tokenizer.json and
+        tokenizer_config.json (write_tokenizer_json): the files `from_pretrained` reads."""
         folder = Path(folder)
+        write_tokenizer_json(self, folder)
         vocab_json = json.dumps(self.to_dict()["token2id"], ensure_ascii=False)
         write_atomically(folder / "vocab.json", vocab_json.encode("utf-8"))
         merges = [f"{self._stand_in(a)} {self._stand_in(b)}" for a, b in self.merges]
@@ -312,24 +324,49 @@ class Tokenizer:
     def eot_id(self):
         return self.special_tokens[EOT]
 
+    # What a tokenizer.json may ask for: NFC first (Qwen), a chunk that is a token taken
+    # whole (Llama 3).
+    nfc = False
+    ignore_merges = False
+
     def encode(self, text):
         """Text -> ids. Special-token names in the text are encoded as text."""
-        chunks = self._compiled.findall(text)
+        chunks = self.split(self.normalize(text))
         for chunk in set(chunks).difference(self._cache):
             self._cache[chunk] = self._encode_chunk(chunk)
         return list(chain.from_iterable(map(self._cache.__getitem__, chunks)))
 
+    def normalize(self, text):
+        """The text as the merges see it."""
+        if self.nfc:
+            return unicodedata.normalize("NFC", text)
+        return text
+
+    def split(self, text):
+        """Pre-tokenization: the chunks that merges never cross, cut by each pattern in turn."""
+        chunks = [text]
+        for pattern in self._compiled:
+            chunks = [piece for chunk in chunks for piece in isolate(pattern, chunk)]
+        return chunks
+
     def _encode_chunk(self, chunk):
-        """Apply the merges to one chunk: again and again, merge (everywhere in
-        the chunk) the pair that was learned earliest, until none is left."""
-        symbols = chunk.encode("utf-8").decode("latin-1").translate(self._byte_ids)
-        while len(symbols) > 1:
-            pairs = map(add, symbols, symbols[1:])  # "ab", "bc", ...
-            rank = min(map(self._ranks.get, pairs, repeat(NO_RANK)))
-            if rank == NO_RANK:
-                break
-            symbols = symbols.replace(self._pairs[rank], self._merged[rank])
-        return [ord(s) for s in symbols]
+        """Apply the merges to one chunk, the earliest learned first."""
+        data = chunk.encode("utf-8")
+        if self.ignore_merges and data in self._id_of:
+            return [self._id_of[data]]
+        symbols = data.decode("latin-1").translate(self._byte_ids)
+        return merge_ranked(symbols, self._ranks, self._merged)
+
+    def encode_prompt(self, text):
+        """The ids a model continues: the text's, after the beginning-of-text token where
+        the tokenizer puts one (as AutoTokenizer(folder)(text)); that token for no text."""
+        ids = self.encode(text)
+        if self.add_bos or not ids:
+            if self.bos_id is None:
+                raise ValueError("a blank prompt needs a beginning-of-text token; this "
+                                 "tokenizer has none")
+            ids = [self.bos_id] + ids
+        return ids
 
     def decode_bytes(self, ids):
         """Ids -> the raw bytes they stand for (possibly cut inside a character).
@@ -422,6 +459,47 @@ class Tokenizer:
         raise ValueError(f"{path} is corrupt: its merges, vocabulary and ids do not agree")
 
 
+def isolate(pattern, text):
+    """text cut into a regex's matches and the text between them (Split, "Isolated")."""
+    matches = pattern.findall(text)
+    # No text between the matches (GPT-2's pattern matches any): they are all.
+    if not pattern.groups and sum(map(len, matches)) == len(text):
+        return matches
+    cuts = [0, *chain.from_iterable(m.span() for m in pattern.finditer(text)), len(text)]
+    return [text[a:b] for a, b in pairwise(cuts) if a < b]
+
+
+# Encoding merges the pair learned earliest, leftmost first, as `merge` does. To scan
+# for it at each merge is quadratic in a long chunk (a 200,000-letter line), so pairs wait
+# in a heap as rank * n + position; a merge pushes the two pairs it makes, and a popped
+# pair that is gone is skipped.
+def merge_ranked(symbols, ranks, merged):
+    """Merge `symbols` (a str of chr(id)) by rank: ranks maps a pair ("ab") to its rank,
+    merged[rank] is the pair's token. Returns the ids."""
+    s = list(symbols)
+    n = len(s)
+    # A doubly linked list: a merged-away token becomes "" and is stepped over.
+    after = list(range(1, n + 1))
+    before = list(range(-1, n - 1))
+    heap = [ranks[pair] * n + i for i, pair in enumerate(map(add, s, s[1:])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = divmod(heapq.heappop(heap), n)
+        j = after[i]
+        if j == n or ranks.get(s[i] + s[j]) != rank:
+            continue
+        s[i] = merged[rank]
+        s[j] = ""
+        k = after[j]
+        after[i] = k
+        if k < n:
+            before[k] = i
+        for left, right in (before[i], i), (i, k):
+            if left >= 0 and right < n and s[left] + s[right] in ranks:
+                heapq.heappush(heap, ranks[s[left] + s[right]] * n + left)
+    return [ord(token) for token in s if token]
+
+
 def sha256(text):
     """The SHA-256 of a string's UTF-8 bytes, in hex."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -443,7 +521,299 @@ def write_atomically(path, data):
 
 
 # -----------------------------------------------------------------------------
-# 4. The corpus
+# 4. Released tokenizers: tokenizer.json, and the other BPE
+#
+# A Hugging Face folder's tokenizer.json: a normalizer, a pre-tokenizer, a BPE, a
+# post-processor, a decoder and special tokens (added_tokens). Its BPE is byte-level
+# (Llama 3, Qwen, GPT-OSS, DeepSeek-V3, SmolLM: a Tokenizer with their split patterns) or
+# SentencePiece's (Llama 2, Mistral, Mixtral, Gemma). Other parts are refused by name: a
+# tokenizer half understood gives wrong ids silently.
+SPACE = "\u2581"  # "▁", SentencePiece's space
+BYTE_PIECE = regex.compile(r"<0x([0-9A-F]{2})>")
+
+
+class SentencePieceBPE(Tokenizer):
+    """SentencePiece's BPE (Kudo and Richardson, 2018). A space is "▁", merges join
+    characters, a character that no piece holds is its UTF-8 bytes' pieces <0x00>..<0xFF>
+    (byte fallback), and Llama's (not Gemma's) puts "▁" first, which decoding drops:
+
+        pieces ▁ a b ab ▁a ▁ab, merges in order (a, b), (▁, a), (▁, ab):
+        "ab ab" -> ▁ab▁ab -> ▁ a b ▁ a b -> ▁ ab ▁ ab -> ▁ab ▁ab
+
+    pieces: {piece: id}; merges: [(piece, piece)] by rank; special_tokens: {name: id};
+    prefix: "always" (Llama 2), "first" (Metaspace: unless there is one) or None (Gemma);
+    split: cut before each "▁". Raises ValueError without the 256 byte pieces."""
+
+    def __init__(self, pieces, merges, special_tokens, prefix="always", split=False):
+        # Not Tokenizer's: the ids are the pieces', and merges join characters.
+        self.special_tokens = special_tokens
+        self.prefix = prefix
+        self.bos_id = self.eos_id = None
+        self.add_bos = False
+        matches = {id: BYTE_PIECE.fullmatch(piece) for piece, id in pieces.items()}
+        self._byte = {id: int(m[1], 16) for id, m in matches.items() if m}
+        tokens = {id: piece.replace(SPACE, " ").encode("utf-8") for piece, id in pieces.items()}
+        tokens |= {id: bytes([b]) for id, b in self._byte.items()}
+        tokens |= {id: name.encode("utf-8") for name, id in special_tokens.items()}
+        if len(set(self._byte.values())) < 256 or sorted(tokens) != list(range(len(tokens))):
+            raise ValueError("SentencePiece's ids must be 0, 1, 2, ..., with the 256 byte pieces")
+        self._bytes = [tokens[id] for id in range(len(tokens))]
+        self.vocab_size = len(tokens)
+        # As in Tokenizer, a str of chr(id): a character is its piece, or its bytes' pieces.
+        chars = {ord(p): chr(id) for p, id in pieces.items() if len(p) == 1}
+        self._symbols = ByteFallback(chars, {b: id for id, b in self._byte.items()})
+        self._ranks = {chr(pieces[a]) + chr(pieces[b]): rank for rank, (a, b) in enumerate(merges)}
+        self._merged = [chr(pieces[a + b]) for a, b in merges]
+        self._cache = {}
+        # Unless a merge makes "x▁" (x not "▁"), and SentencePiece's do not, cutting before
+        # each run of "▁" changes no id: words then repeat, and are encoded once.
+        crossing = any(regex.search(f"[^{SPACE}]{SPACE}", a + b) for a, b in merges)
+        words = [f"{SPACE}+[^{SPACE}]*|[^{SPACE}]+"] * (not crossing)
+        if split:
+            words = [f"[^{SPACE}]+|{SPACE}[^{SPACE}]*"]
+        self._compiled = [regex.compile(p) for p in words]
+
+    def normalize(self, text):
+        """Spaces as "▁", and the prefix "▁" where this tokenizer puts one."""
+        text = text.replace(" ", SPACE)
+        lacks = text and not text.startswith(SPACE)
+        if self.prefix == "always" and text or self.prefix == "first" and lacks:
+            text = SPACE + text
+        return text
+
+    def _encode_chunk(self, chunk):
+        return merge_ranked(chunk.translate(self._symbols), self._ranks, self._merged)
+
+    def decode(self, ids):
+        """Ids -> text, without the "▁" that encoding put first."""
+        text = "".join(self.decode_stream(ids))
+        if self.prefix:
+            text = text.removeprefix(" ")
+        return text
+
+    def decode_stream(self, ids):
+        """Yield the text of ids as they come. A run of byte pieces waits for its end: its
+        UTF-8 text, or if invalid one U+FFFD per byte, as `tokenizers` decodes it."""
+        run = []
+        for id in ids:
+            data = self.decode_bytes([id])
+            if id in self._byte:
+                run.append(self._byte[id])
+                continue
+            if run:
+                yield fuse_bytes(run)
+                run = []
+            yield data.decode("utf-8")
+        if run:
+            yield fuse_bytes(run)
+
+
+class ByteFallback(dict):
+    """str.translate's table: a character's piece, or its UTF-8 bytes' <0xNN> pieces."""
+
+    def __init__(self, chars, byte_ids):
+        super().__init__(chars)
+        self.byte_ids = byte_ids
+
+    def __missing__(self, code):
+        self[code] = "".join(chr(self.byte_ids[b]) for b in chr(code).encode("utf-8"))
+        return self[code]
+
+
+def fuse_bytes(run):
+    try:
+        return bytes(run).decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
+def read_json(path, missing=None):
+    """The JSON object in a file, or `missing` if none; ValueError if it holds none."""
+    if missing is not None and not Path(path).is_file():
+        return missing
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt: {e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    return data
+
+
+def refuse(path, what, value):
+    return ValueError(f"{path} has a {what} that bpe.py does not compute: "
+                      f"{json.dumps(value)[:120]}")
+
+
+def steps(part):
+    """The steps of a part of tokenizer.json: a Sequence's, or itself."""
+    for key in ("pretokenizers", "normalizers", "processors", "decoders"):
+        if part and key in part:
+            return part[key]
+    return [part] if part else []
+
+
+# Plain BPE: no dropout, no word markers.
+PLAIN_BPE = {"type": "BPE", "dropout": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None}
+
+
+def read_tokenizer_json(folder):
+    """A folder's tokenizer.json as a Tokenizer (byte-level) or a SentencePieceBPE, with
+    its beginning- and end-of-text tokens. Raises ValueError naming what it cannot read."""
+    path = Path(folder) / "tokenizer.json"
+    data = read_json(path)
+    model = data.get("model") or {}
+    settings = {key: value for key, value in model.items() if key not in ("vocab", "merges")}
+    if any((settings.get(key) or None) != value for key, value in PLAIN_BPE.items()):
+        raise refuse(path, "model", settings)
+    try:
+        specials = {token["content"]: token["id"] for token in data.get("added_tokens", [])}
+        vocab = model["vocab"]
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        if model.get("byte_fallback"):
+            tok = SentencePieceBPE(vocab, merges, specials, *sentencepiece_form(path, data))
+        else:
+            tok = byte_level(path, data, vocab, merges, specials)
+    except (KeyError, TypeError, AttributeError, regex.error) as e:
+        raise ValueError(f"{path} is corrupt: {e!r:.80}") from None
+    tok.bos_id, tok.add_bos, tok.eos_id = special_ids(Path(folder), data, specials)
+    return tok
+
+
+def byte_level(path, data, vocab, merges, specials):
+    """A byte-level tokenizer.json's Tokenizer: its split patterns, and NFC if asked."""
+    normalizer = data.get("normalizer")
+    if normalizer not in (None, {"type": "NFC"}):
+        raise refuse(path, "normalizer", normalizer)
+    if [step.get("type") for step in steps(data.get("decoder"))] != ["ByteLevel"]:
+        raise refuse(path, "decoder", data.get("decoder"))
+    patterns = split_patterns(path, data.get("pre_tokenizer"))
+    token_bytes = {id: piece_to_bytes(p) for p, id in vocab.items() if p not in specials}
+    pairs = [(vocab[a], vocab[b]) for a, b in merges]
+    # One pattern is a str, as ours: the same tokenizer gets the same fingerprint.
+    pattern = patterns[0] if len(patterns) == 1 else patterns
+    tok = Tokenizer(pairs, specials, pattern, token_bytes)
+    tok.nfc = normalizer is not None
+    tok.ignore_merges = data["model"].get("ignore_merges", False)
+    return tok
+
+
+def split_patterns(path, pre_tokenizer):
+    """The regexes of a byte-level pre-tokenizer: its Split and Digits steps, then
+    ByteLevel's own (GPT-2's pattern) unless use_regex is false."""
+    found = steps(pre_tokenizer)
+    patterns = []
+    for step in found:
+        kind = step.get("type")
+        pattern = step.get("pattern") or {}
+        isolated = step.get("behavior") == "Isolated" and not step.get("invert")
+        if kind == "Split" and isolated and pattern.keys() in ({"Regex"}, {"String"}):
+            patterns.append(pattern.get("Regex") or regex.escape(pattern["String"]))
+        elif kind == "Digits":
+            patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel" and step is found[-1] and not step.get("add_prefix_space"):
+            patterns += [GPT2_PATTERN] * step.get("use_regex", True)
+        else:
+            raise refuse(path, "pre-tokenizer", step)
+    if not found or found[-1].get("type") != "ByteLevel":
+        raise refuse(path, "pre-tokenizer", pre_tokenizer)
+    return patterns
+
+
+def sentencepiece_form(path, data):
+    """(prefix, split) of a SentencePiece tokenizer.json in a form of the wild: Llama 2's
+    Prepend + Replace normalizer, transformers 5's Metaspace, or Gemma's Replace."""
+    normalizer = steps(data.get("normalizer"))
+    pre = steps(data.get("pre_tokenizer"))
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    gemma_split = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                   "invert": False}
+    metaspace = {"type": "Metaspace", "replacement": SPACE}
+    form = None
+    if normalizer == [{"type": "Prepend", "prepend": SPACE}, replace] and not pre:
+        form = ("always", False)
+    elif normalizer == [replace] and pre in ([], [gemma_split]):
+        form = (None, False)
+    elif not normalizer and len(pre) == 1 and metaspace.items() <= pre[0].items():
+        prefix = "first"
+        if pre[0].get("prepend_scheme") == "never":
+            prefix = None
+        form = (prefix, pre[0].get("split", True))
+    if form is None:
+        raise refuse(path, "normalizer and pre-tokenizer", [normalizer, pre])
+    decoder = [step.get("type") for step in steps(data.get("decoder"))]
+    strips = "Strip" in decoder or "Metaspace" in decoder
+    if "ByteFallback" not in decoder or strips != bool(form[0]):
+        raise refuse(path, "decoder", data.get("decoder"))
+    return form
+
+
+def special_ids(folder, data, specials):
+    """(bos_id, add_bos, eos_id): the token a text starts with, if a prompt gets it (the
+    template, else add_bos_token), and the one that ends it, by name or number."""
+    names = read_json(folder / "tokenizer_config.json", missing={})
+    ids = read_json(folder / "config.json", missing={})
+    templates = [step for step in steps(data.get("post_processor"))
+                 if step.get("type") == "TemplateProcessing"]
+    bos = None
+    add_bos = bool(names.get("add_bos_token"))
+    if templates:
+        bos = templates[0]["single"][0].get("SpecialToken", {}).get("id")
+        add_bos = bos is not None
+    bos_id = specials.get(bos or token_name(names.get("bos_token")), ids.get("bos_token_id"))
+    eos_id = specials.get(token_name(names.get("eos_token")), ids.get("eos_token_id"))
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0]
+    return bos_id, add_bos, eos_id
+
+
+def token_name(token):
+    """A special token as tokenizer_config.json names it: a string, or {"content": ...}."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+def write_tokenizer_json(tok, folder):
+    """Write a byte-level Tokenizer as tokenizer.json (ByteLevel pre-tokenizer and decoder,
+    merges by rank, the beginning-of-text token first if we put one) and
+    tokenizer_config.json, which names the special tokens."""
+    patterns = [tok.pattern] if isinstance(tok.pattern, str) else tok.pattern
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": patterns == [GPT2_PATTERN]}
+    splits = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
+              for p in patterns if not byte_level["use_regex"]]
+    bos = tok.piece(tok.bos_id)
+    template = [{"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}]
+    post_processor = {"type": "TemplateProcessing", "single": template, "pair": template,
+                      "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+    flags = dict.fromkeys(["single_word", "lstrip", "rstrip", "normalized"], False)
+    data = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": id, "content": name, "special": True, **flags}
+                         for name, id in tok.special_tokens.items()],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*splits, byte_level]},
+        "post_processor": post_processor if tok.add_bos else None,
+        "decoder": byte_level,
+        "model": {**PLAIN_BPE, "unk_token": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": tok.to_dict()["token2id"],
+                  "merges": [[tok._stand_in(a), tok._stand_in(b)] for a, b in tok.merges]},
+    }
+    # split_special_tokens: in transformers too, the text "<|endoftext|>" is text.
+    names = {"tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": True,
+             "bos_token": bos, "eos_token": tok.piece(tok.eos_id)}
+    for name, content in (("tokenizer.json", data), ("tokenizer_config.json", names)):
+        text = json.dumps(content, ensure_ascii=False, indent=1) + "\n"
+        write_atomically(Path(folder) / name, text.encode("utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# 5. The corpus
 
 
 def default_data_dir():
@@ -651,7 +1021,7 @@ def _call_job(text):
 
 
 # -----------------------------------------------------------------------------
-# 5. Command line
+# 6. Command line
 
 DEFAULT_TOKENIZER = "checkpoints/gpt2/tokenizer.json"
 
@@ -671,8 +1041,15 @@ def cmd_train(args):
           f"saved to {args.out}")
 
 
+def open_tokenizer(path):
+    """--tokenizer: a tokenizer.json that bpe.py wrote, or a Hugging Face folder."""
+    if Path(path).is_dir():
+        return Tokenizer.from_pretrained(path)
+    return Tokenizer.load(path)
+
+
 def cmd_encode(args):
-    tok = Tokenizer.load(args.tokenizer)
+    tok = open_tokenizer(args.tokenizer)
     if args.file:
         text = read_text(args.file)
     elif args.text == "-":
@@ -686,7 +1063,7 @@ def cmd_encode(args):
 
 
 def cmd_decode(args):
-    print(Tokenizer.load(args.tokenizer).decode(args.ids))
+    print(open_tokenizer(args.tokenizer).decode(args.ids))
 
 
 def main(argv=None):
@@ -707,7 +1084,8 @@ def main(argv=None):
     decode = commands.add_parser("decode", help="ids -> text", **defaults)
     decode.add_argument("ids", type=int, nargs="+")
     for command in (encode, decode):
-        command.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+        command.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                             help="a tokenizer.json of bpe.py's, or a Hugging Face folder")
     train.set_defaults(run=cmd_train)
     encode.set_defaults(run=cmd_encode)
     decode.set_defaults(run=cmd_decode)

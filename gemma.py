@@ -21,7 +21,8 @@ are out of scope: they are the next steps.
     python gemma.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` reads Hugging Face's Gemma folders (see `--prompt-ids`, `--tokenizer`).
+`--init-from DIR` runs Hugging Face's Gemma folders, text in and out:
+Gemma 2B and 7B.
 """
 
 import argparse
@@ -65,6 +66,11 @@ def check(ok, message):
         raise ValueError(message)
 
 
+# The fields of Llama 3's RoPE scaling (llama3_scaling).
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor",
+                  "original_max_position_embeddings")
+
+
 @dataclass
 class GemmaConfig:
     """The shape of the network. Gemma 7B is
@@ -84,6 +90,8 @@ class GemmaConfig:
                          "(1: multi-query)")
     rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns "
                             "~1 / rope_theta per position")
+    rope_scaling: dict | None = arg(None, "Llama 3's RoPE scaling (llama3_scaling's "
+                                    "arguments, as JSON)", type=json.loads)
     multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
     mlp_hidden: int | None = arg(None, "the MLP's hidden width (None: 8/3 * n_embd, rounded up "
                                  "to multiple_of)")
@@ -107,6 +115,12 @@ class GemmaConfig:
               f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         check(1 < self.rope_theta < math.inf,
               f"rope_theta must be finite and greater than 1, got {self.rope_theta}")
+        scaling = self.rope_scaling
+        if scaling is not None:
+            check(isinstance(scaling, dict) and sorted(scaling) == sorted(LLAMA3_SCALING),
+                  f"rope_scaling must give {', '.join(LLAMA3_SCALING)}")
+            check(scaling["low_freq_factor"] < scaling["high_freq_factor"],
+                  "rope_scaling's low_freq_factor must be below its high_freq_factor")
         # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2.
         if self.mlp_hidden is None:
             hidden = int(8 * self.n_embd / 3)
@@ -159,6 +173,8 @@ class RotaryEmbedding(nn.Module):
         head_size = config.head_size
         pairs = torch.arange(0, head_size, 2, dtype=torch.float64)
         inv_freq = config.rope_theta ** (-pairs / head_size)  # (hs / 2,)
+        if config.rope_scaling:
+            inv_freq = llama3_scaling(inv_freq, **config.rope_scaling)
         positions = torch.arange(config.block_size, dtype=torch.float64)
         angles = torch.outer(positions, inv_freq)  # (block_size, hs / 2)
         # (block_size, head_size): features i and i + hs / 2 pair up.
@@ -170,6 +186,20 @@ class RotaryEmbedding(nn.Module):
     def forward(self, start, T):
         """cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1."""
         return self.cos[start : start + T], self.sin[start : start + T]
+
+
+def llama3_scaling(inv_freq, factor, low_freq_factor, high_freq_factor,
+                   original_max_position_embeddings):
+    """Llama 3's RoPE scaling (Meta's llama-models, apply_scaling; rope_type "llama3"):
+    to stretch a context of original_max_position_embeddings, the pairs that turn once
+    in over context / low_freq_factor positions turn `factor` times slower, those that
+    turn in under context / high_freq_factor keep their speed, and a ramp runs between.
+    inv_freq: (hs / 2,) in and out."""
+    wavelength = 2 * math.pi / inv_freq
+    # 0 for the slow pairs, 1 for the fast ones: the share of the old speed kept.
+    ramp = original_max_position_embeddings / wavelength - low_freq_factor
+    kept = (ramp / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return kept * inv_freq + (1 - kept) * inv_freq / factor
 
 
 def apply_rope(x, cos, sin):
@@ -866,13 +896,11 @@ def train(config, cfg):
 # Sampling
 
 
-def load_trained(out_dir, device, init_from=None, tokenizer=None):
+def load_trained(out_dir, device, init_from=None):
     """The model and tokenizer of the run in out_dir, or of the Hugging Face folder init_from."""
-    check(init_from or not tokenizer,
-          "--tokenizer goes with --init-from: a run's own tokenizer is in --out-dir")
     if init_from:
         model = Gemma.from_pretrained(init_from)
-        tok = pretrained_tokenizer(init_from, tokenizer)
+        tok = pretrained_tokenizer(init_from)
     else:
         model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
     return model.to(device).eval(), tok
@@ -886,9 +914,9 @@ def cmd_sample(args):
     check_sampling(args.temperature, args.top_k, args.top_p)
     check(not (args.prompt and args.prompt_file), "give --prompt or --prompt-file, not both")
     device = pick_device(args.device)
-    model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
+    model, tok = load_trained(args.out_dir, device, args.init_from)
     check(tok or args.prompt_ids,
-          "this model has no tokenizer: give --prompt-ids 1 2 3, or --tokenizer FILE")
+          "this model has no tokenizer: give --prompt-ids 1 2 3")
     check(not args.prompt_ids or not (args.prompt or args.prompt_file),
           "give --prompt or --prompt-ids, not both")
     prompt = args.prompt or ""
@@ -897,8 +925,7 @@ def cmd_sample(args):
           "the prompt is not UTF-8, nor perhaps the terminal: pass it in a file, --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
-    # A text starts after <|endoftext|>.
-    ids = args.prompt_ids or [tok.eot_id] + tok.encode(prompt)
+    ids = args.prompt_ids or tok.encode_prompt(prompt)
     check(0 <= min(ids) <= max(ids) < model.config.vocab_size,
           f"--prompt-ids must be ids of the model, 0 to {model.config.vocab_size - 1}")
     idx = torch.tensor([ids], device=device)
@@ -907,13 +934,13 @@ def cmd_sample(args):
     start = time.time()
 
     def new_ids():
-        """The sampled ids, up to <|endoftext|>."""
+        """The sampled ids, up to the end of the text."""
         nonlocal n_tokens
         for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
                                   args.top_p, args.cache):
             n_tokens += 1
             id = token.item()  # one sync with the device per token
-            if tok and id == tok.eot_id:
+            if tok and id == tok.eos_id:
                 return
             yield id
 
@@ -929,13 +956,12 @@ def cmd_sample(args):
 
 
 # -----------------------------------------------------------------------------
-# Pretrained weights: Hugging Face's Gemma in
+# Pretrained weights: Hugging Face's Gemma in, ours out
 #
 # Hugging Face publishes Gemma-family models as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights) and a tokenizer. Our module names and
-# nn.Linear's (out, in) layout are theirs: loading is a plain copy. Gemma's
-# SentencePiece tokenizer is not read here: such a model takes and gives token ids
-# (`sample --prompt-ids 1 450 4996`), or text through --tokenizer.
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
+# bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
+# are theirs: loading is a plain copy.
 
 # Their config.json's keys: ours.
 CONFIG_KEYS = {
@@ -977,10 +1003,14 @@ def config_from_pretrained(folder):
         values = " or ".join(map(repr, computed))
         check(hf.get(key, computed[0]) in computed,
               f"{path} sets {key} to {hf.get(key)!r}: gemma.py computes {values}")
+    scaling = None
     # transformers' key before version 5, and since
-    for rope in (hf.get("rope_scaling"), hf.get("rope_parameters")):
-        check(not rope or rope.get("rope_type", rope.get("type")) in (None, "default"),
-              f"{path} asks for RoPE scaling ({rope}), which gemma.py does not compute")
+    for rope in (hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        check(rope_type in ("default", "llama3"),
+              f"{path} asks for RoPE scaling {rope_type!r}, which gemma.py does not compute")
+        if rope_type == "llama3":
+            scaling = {key: rope.get(key) for key in LLAMA3_SCALING}
     # transformers' defaults, and version 5's rope_parameters
     defaults = {
         "rms_norm_eps": 1e-6,
@@ -992,7 +1022,8 @@ def config_from_pretrained(folder):
     missing = ", ".join(sorted(CONFIG_KEYS.keys() - hf.keys()))
     check(not missing, f"{path} lacks {missing}")
     try:
-        config = GemmaConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()})
+        config = GemmaConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()},
+                             rope_scaling=scaling)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return config
@@ -1031,28 +1062,66 @@ def load_pretrained_weights(model, folder):
     return model
 
 
-def pretrained_tokenizer(folder, path):
-    """The bpe.py tokenizer.json at path (--tokenizer) whose ids the Gemma in folder knows;
-    None without one."""
-    if path is None:
+def pretrained_tokenizer(folder):
+    """The tokenizer of a Hugging Face folder, checked against its model; None if it has
+    none (tokenizer.json, or vocab.json and merges.txt)."""
+    names = ("tokenizer.json", "vocab.json")
+    if not any((Path(folder) / name).is_file() for name in names):
         return None
-    tok = bpe.Tokenizer.load(path)
+    tok = bpe.Tokenizer.from_pretrained(folder)
     vocab_size = config_from_pretrained(folder).vocab_size
     check(tok.vocab_size <= vocab_size,
-          f"{path} has {tok.vocab_size} tokens, more than {folder}'s model's {vocab_size}: "
+          f"{folder}'s tokenizer has {tok.vocab_size} tokens, its model {vocab_size}: "
           "the tokenizer and the weights do not belong together")
     return tok
 
 
 def fine_tuning_config(folder, out_dir, dropout):
-    """`train --init-from`'s config, the folder's (with our dropout); the run's tokenizer.json
-    is its."""
+    """`train --init-from`'s config, the folder's (with our dropout); saves its tokenizer
+    as the run's."""
     config = config_from_pretrained(folder)
+    tok = pretrained_tokenizer(folder)
+    # The corpus becomes bpe.py's token arrays: 2 bytes a token, <|endoftext|> between texts.
+    byte_level = type(tok) is bpe.Tokenizer and bpe.EOT in tok.special_tokens
+    check(byte_level and tok.vocab_size <= bpe.MAX_VOCAB_SIZE,
+          f"train --init-from needs a byte-level BPE with {bpe.EOT}, as bpe.py's: "
+          f"{folder}'s tokenizer is not one")
     tok_path = Path(out_dir) / "tokenizer.json"
-    check(tok_path.exists(),
-          f"train --init-from needs {tok_path}: the bpe.py tokenizer whose ids the model knows")
-    pretrained_tokenizer(folder, tok_path)
+    ours = not tok_path.exists() or bpe.Tokenizer.load(tok_path).fingerprint == tok.fingerprint
+    check(ours,
+          f"{tok_path} is another tokenizer than {folder}'s: fine-tune into another --out-dir")
+    # Under torchrun the others wait for process 0.
+    if not tok_path.exists() and RANK == 0:
+        tok.save(tok_path)
     return replace(config, dropout=dropout)
+
+
+def export(model, tok, folder):
+    """Write model and tokenizer as a Hugging Face Gemma folder, --init-from's inverse:
+    config.json, model.safetensors (the same names), tokenizer.json."""
+    folder = Path(folder)
+    config = model.config
+    hf_config = {theirs: getattr(config, ours) for theirs, ours in CONFIG_KEYS.items()}
+    hf_config.update({key: computed[0] for key, computed in SUPPORTED.items()})
+    hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    if config.rope_scaling:
+        hf_config["rope_scaling"] = {"rope_type": "llama3", **config.rope_scaling}
+    weights = {name: weight.contiguous() for name, weight in model.state_dict().items()}
+    del weights["lm_head.weight"]  # tied: stored once, as embed_tokens
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json")
+
+
+def cmd_export(args):
+    """`export`: the run in --out-dir as a Hugging Face Gemma folder."""
+    to = Path(args.to or Path(args.out_dir) / "hf")
+    check(to.resolve() != Path(args.out_dir).resolve(),
+          "--to must be another folder than --out-dir, whose tokenizer.json is the run's")
+    model, tok = load_trained(args.out_dir, torch.device("cpu"))
+    export(model, tok, to)
 
 
 # -----------------------------------------------------------------------------
@@ -1099,19 +1168,19 @@ def cmd_eval(args):
     or a file."""
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
-    model, tok = load_trained(args.out_dir, device, args.init_from, args.tokenizer)
-    check(tok, "eval --init-from needs --tokenizer FILE: a bpe.py tokenizer.json whose ids the "
-          "model knows")
+    model, tok = load_trained(args.out_dir, device, args.init_from)
+    check(tok, f"{args.init_from} has no tokenizer: tokenizer.json, or vocab.json")
     check(args.data or args.text or not args.init_from,
           "eval --init-from scores --data DIR or --text FILE")
     if args.text:
         what = args.text
-        # As in the .bin files: <|endoftext|> before the text.
-        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))
+        # As in the .bin files: <|endoftext|> (or the folder's own) before the text.
+        tokens = torch.tensor(tok.encode_prompt(bpe.read_text(args.text)))
     elif args.data:  # a corpus's validation split, encoded with this tokenizer
         what = f"validation split of {args.data}"
         docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
-        tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
+        ids = [id for _, text in docs for id in tok.encode_prompt(text)]
+        tokens = torch.tensor(ids)
     else:  # the run's own, as train encoded it
         what = f"validation split of {args.out_dir}"
         tokens = load_tokens(Path(args.out_dir) / "val.bin")
@@ -1133,10 +1202,6 @@ def build_parser():
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(run=run)
         add_fields(sub, TrainConfig, *run_fields)
-        # sample and eval
-        if "init_from" in run_fields:
-            sub.add_argument("--tokenizer", help="with --init-from: a bpe.py tokenizer.json whose "
-                             "ids the model knows")
         return sub
 
     add_fields(command("train", "train a model", cmd_train), GemmaConfig)
@@ -1163,6 +1228,10 @@ def build_parser():
     eval_args.add_argument("--data",
                            help="score this corpus's validation split (None: the run's own)")
     eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
+    export_args = command("export", "write a run as a Hugging Face Gemma folder", cmd_export,
+                          "out_dir")
+    export_args.add_argument("--to", metavar="DIR",
+                             help="the folder to write (None: hf in --out-dir)")
     return parser
 
 

@@ -685,20 +685,19 @@ def cmd_sample(args):
           "the prompt is not UTF-8, nor perhaps the terminal: pass it in a file, --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
-    # A text starts after <|endoftext|>.
-    idx = torch.tensor([[tok.eot_id] + tok.encode(prompt)], device=device)
+    idx = torch.tensor([tok.encode_prompt(prompt)], device=device)
     torch.manual_seed(args.seed)
     n_tokens = 0
     start = time.time()
 
     def new_ids():
-        """The sampled ids, up to <|endoftext|>."""
+        """The sampled ids, up to the end of the text."""
         nonlocal n_tokens
         for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
                                   args.top_p):
             n_tokens += 1
             id = token.item()  # one sync with the device per token
-            if id == tok.eot_id:
+            if id == tok.eos_id:
                 return
             yield id
 
@@ -753,12 +752,13 @@ def cmd_eval(args):
     model, tok = load_trained(args.out_dir, device)
     if args.text:
         what = args.text
-        # As in the .bin files: <|endoftext|> before the text.
-        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))
+        # As in the .bin files: <|endoftext|> (or the folder's own) before the text.
+        tokens = torch.tensor(tok.encode_prompt(bpe.read_text(args.text)))
     elif args.data:  # a corpus's validation split, encoded with this tokenizer
         what = f"validation split of {args.data}"
         docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
-        tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
+        ids = [id for _, text in docs for id in tok.encode_prompt(text)]
+        tokens = torch.tensor(ids)
     else:  # the run's own, as train encoded it
         what = f"validation split of {args.out_dir}"
         tokens = load_tokens(Path(args.out_dir) / "val.bin")

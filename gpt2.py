@@ -782,20 +782,19 @@ def cmd_sample(args):
           "the prompt is not UTF-8, nor perhaps the terminal: pass it in a file, --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
-    # A text starts after <|endoftext|>.
-    idx = torch.tensor([[tok.eot_id] + tok.encode(prompt)], device=device)
+    idx = torch.tensor([tok.encode_prompt(prompt)], device=device)
     torch.manual_seed(args.seed)
     n_tokens = 0
     start = time.time()
 
     def new_ids():
-        """The sampled ids, up to <|endoftext|>."""
+        """The sampled ids, up to the end of the text."""
         nonlocal n_tokens
         for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
                                   args.top_p, args.cache):
             n_tokens += 1
             id = token.item()  # one sync with the device per token
-            if id == tok.eot_id:
+            if id == tok.eos_id:
                 return
             yield id
 
@@ -904,21 +903,26 @@ def load_pretrained_weights(model, folder):
 
 
 def pretrained_tokenizer(folder):
-    """The tokenizer of a Hugging Face GPT-2 folder, checked against its model."""
+    """The tokenizer of a Hugging Face folder (tokenizer.json, or vocab.json + merges.txt),
+    checked against its model."""
     tok = bpe.Tokenizer.from_pretrained(folder)
     vocab_size = config_from_pretrained(folder).vocab_size
     check(tok.vocab_size == vocab_size,
-          f"{folder}'s vocab.json has {tok.vocab_size} tokens, but its model {vocab_size}: "
+          f"{folder}'s tokenizer has {tok.vocab_size} tokens, its model {vocab_size}: "
           "the tokenizer and the weights do not belong together")
-    check(bpe.EOT in tok.special_tokens,
-          f"{folder}'s vocab.json has no {bpe.EOT} token, which starts every text")
     return tok
 
 
 def fine_tuning_config(folder, out_dir, dropout):
     """`train --init-from`'s config, the folder's (with our dropout); saves its tokenizer
     as the run's."""
+    config = config_from_pretrained(folder)
     tok = pretrained_tokenizer(folder)
+    # The corpus becomes bpe.py's token arrays: 2 bytes a token, <|endoftext|> between texts.
+    byte_level = type(tok) is bpe.Tokenizer and bpe.EOT in tok.special_tokens
+    check(byte_level and tok.vocab_size <= bpe.MAX_VOCAB_SIZE,
+          f"train --init-from needs a byte-level BPE with {bpe.EOT}, as bpe.py's: "
+          f"{folder}'s tokenizer is not one")
     tok_path = Path(out_dir) / "tokenizer.json"
     ours = not tok_path.exists() or bpe.Tokenizer.load(tok_path).fingerprint == tok.fingerprint
     check(ours,
@@ -926,12 +930,13 @@ def fine_tuning_config(folder, out_dir, dropout):
     # Under torchrun the others wait for process 0.
     if not tok_path.exists() and RANK == 0:
         tok.save(tok_path)
-    return replace(config_from_pretrained(folder), dropout=dropout)
+    return replace(config, dropout=dropout)
 
 
 def export(model, tok, folder):
     """Write model and tokenizer as a Hugging Face GPT-2 folder: config.json,
-    model.safetensors (Conv1D weights transposed back), vocab.json and merges.txt."""
+    model.safetensors (Conv1D weights transposed back), tokenizer.json, vocab.json and
+    merges.txt."""
     folder = Path(folder)
     config = model.config
     hf_config = {theirs: getattr(config, ours) for theirs, ours in CONFIG_KEYS.items()}
@@ -942,8 +947,8 @@ def export(model, tok, folder):
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
-        bos_token_id=tok.eot_id,
-        eos_token_id=tok.eot_id,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
     )
     weights = {}
     for name, weight in model.state_dict().items():
@@ -956,13 +961,17 @@ def export(model, tok, folder):
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     tok.save_pretrained(folder)
-    print(f"wrote {folder}: config.json, model.safetensors, vocab.json, merges.txt")
+    print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, vocab.json, "
+          "merges.txt")
 
 
 def cmd_export(args):
     """`export`: the run in --out-dir as a Hugging Face GPT-2 folder."""
+    to = Path(args.to or Path(args.out_dir) / "hf")
+    check(to.resolve() != Path(args.out_dir).resolve(),
+          "--to must be another folder than --out-dir, whose tokenizer.json is the run's")
     model, tok = load_trained(args.out_dir, torch.device("cpu"))
-    export(model, tok, args.to or Path(args.out_dir) / "hf")
+    export(model, tok, to)
 
 
 # -----------------------------------------------------------------------------
@@ -1014,12 +1023,13 @@ def cmd_eval(args):
           "eval --init-from scores --data DIR or --text FILE")
     if args.text:
         what = args.text
-        # As in the .bin files: <|endoftext|> before the text.
-        tokens = torch.tensor([tok.eot_id] + tok.encode(bpe.read_text(args.text)))
+        # As in the .bin files: <|endoftext|> (or the folder's own) before the text.
+        tokens = torch.tensor(tok.encode_prompt(bpe.read_text(args.text)))
     elif args.data:  # a corpus's validation split, encoded with this tokenizer
         what = f"validation split of {args.data}"
         docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
-        tokens = torch.tensor([id for _, text in docs for id in [tok.eot_id, *tok.encode(text)]])
+        ids = [id for _, text in docs for id in tok.encode_prompt(text)]
+        tokens = torch.tensor(ids)
     else:  # the run's own, as train encoded it
         what = f"validation split of {args.out_dir}"
         tokens = load_tokens(Path(args.out_dir) / "val.bin")

@@ -8,7 +8,11 @@ On the training novels of the corpus in DIR, side by side in one run:
   - encoding throughput of the whole corpus, MB of UTF-8 per second, with the
     same vocabulary in both (ours loaded into `tokenizers`), cold caches,
   - characters per token on the validation novels, each with its own vocabulary,
-  - whether the two encoders give identical ids with the same vocabulary.
+  - whether the two encoders give identical ids with the same vocabulary,
+  - the released kinds of tokenizer.json, byte-level (ours, exported) and SentencePiece's
+    (trained with `sentencepiece` on the training novels' lines, Llama 2's form), read by
+    bpe.py and by `tokenizers`: single-threaded encoding time of the validation novels and
+    of a 200,000-letter line without a space, and whether the ids are identical.
 """
 
 import argparse
@@ -16,6 +20,7 @@ import multiprocessing
 import os
 import resource
 import sys
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -110,6 +115,34 @@ def hf_encode(tok_dict, texts):
     return sum(len(e.ids) for e in tok.encode_batch(lines_of(texts)))
 
 
+def released_kinds(ours_dict, train, val):
+    """bpe.py and `tokenizers` reading the same tokenizer.json, each kind, side by side
+    (`tokenizers` encodes one text on one thread)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import families  # noqa: E402  (the tests' builders of each family's form)
+
+    lines = [line for text in train[:20] for line in text.splitlines() if line.strip()]
+    folders = {kind: Path(tempfile.mkdtemp()) for kind in ("byte-level", "SentencePiece")}
+    bpe.Tokenizer(ours_dict["merges"]).save_pretrained(folders["byte-level"])
+    families.sentencepiece("llama2", lines, 3000).save(str(folders["SentencePiece"] / "tokenizer.json"))
+    letters = "".join(regex.findall(r"\p{L}", "".join(val)))[:200_000]
+    texts = {"validation novels": "\n".join(val), "200,000 letters, no space": letters}
+    print("\n| tokenizer.json | text | bpe.py (s) | tokenizers (s) | ratio | identical ids |")
+    print("|---|---|---|---|---|---|")
+    for kind, folder in folders.items():
+        for what, text in texts.items():
+            ours = bpe.Tokenizer.from_pretrained(folder)  # cold cache
+            start = time.perf_counter()
+            ids = ours.encode(text)
+            ours_s = time.perf_counter() - start
+            theirs = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+            start = time.perf_counter()
+            their_ids = theirs.encode(text, add_special_tokens=False).ids
+            theirs_s = time.perf_counter() - start
+            same = "yes" if ids == their_ids else "NO"
+            print(f"| {kind} | {what} | {ours_s:.2f} | {theirs_s:.2f} | {ours_s / theirs_s:.1f}x | {same} |")
+
+
 def chars_per_token(encode, texts):
     return sum(map(len, texts)) / sum(len(encode(text)) for text in texts)
 
@@ -155,6 +188,7 @@ def main():
         sample = "\n".join(val)[:2_000_000]
         same = ours.encode(sample) == hf_same_vocab.encode(sample).ids
         print(f"same vocabulary, first 2M validation characters: identical ids: {'yes' if same else 'NO'}")
+        released_kinds(ours_dict, train, val)
 
 
 if __name__ == "__main__":

@@ -189,9 +189,10 @@ def test_greedy_text_equals_transformers_generate_also_through_init_from(tmp_pat
 
 
 def test_train_init_from_starts_from_the_reference(trained, corpus, tmp_path, capsys):
-    """A run's tokenizer and data, the reference's shape and weights (tied, head_size 12, one KV head)."""
+    """The run's data, the folder's tokenizer (the run's), shape and weights (tied, head_size 12, one KV head)."""
     out_dir = shutil.copytree(trained("gemma"), tmp_path / "run", ignore=shutil.ignore_patterns("ckpt.pt"))
     reference = hf_gemma(tmp_path / "hf", vocab_size=bpe.Tokenizer.load(out_dir / "tokenizer.json").vocab_size)
+    bpe.Tokenizer.load(out_dir / "tokenizer.json").save_pretrained(tmp_path / "hf")  # as export writes it
     argv = train_args(corpus, out_dir, "--init-from", tmp_path / "hf", "--max-iters", 1, "--lr", "1e-9")
     assert run_main(gemma, capsys, *argv)[0] == 0
     model = gemma.load_trained(out_dir, torch.device("cpu"))[0]

@@ -1,11 +1,13 @@
 """What only llama.py has: RMSNorm, SwiGLU, RoPE, grouped-query attention, an
 untied head, Hugging Face's LlamaForCausalLM as the reference (loaded with
---init-from), and the command line's --init-from, --tokenizer and --prompt-ids.
+--init-from), and the command line's --init-from (with the folder's tokenizer) and
+--prompt-ids.
 What every model file must do is tested in test_models.py."""
 
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -184,6 +186,28 @@ def test_logits_equal_transformers_llama(kwargs, tmp_path):
     assert set(ours.state_dict()) == set(reference.state_dict())
 
 
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+
+
+def test_llama3_rope_scaling_equals_transformers(tmp_path):
+    """Head size 8 at rope_theta 500: wavelengths 6, 30, 140 and 660 positions, so against a context
+    of 64 one pair keeps its speed, one is on the ramp and two are slowed 8 times."""
+    reference = hf_llama(tmp_path, rope_parameters=LLAMA3_ROPE)
+    ours = Llama.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}
+    inv_freq = 500.0 ** -(torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    kept = llama.llama3_scaling(inv_freq, **ours.config.rope_scaling) / inv_freq
+    assert kept[0] == 1 and 1 / 8 < kept[1] < 1 and torch.equal(kept[2:], torch.full((2,), 1 / 8, dtype=torch.float64))
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(idx).logits
+    assert torch.allclose(ours(idx)[0], expected, atol=1e-4, rtol=0)
+    unscaled = Llama(replace(ours.config, rope_scaling=None))
+    unscaled.load_state_dict(ours.state_dict())
+    assert not torch.allclose(unscaled(idx)[0], expected, atol=1e-2)  # the scaling is what makes them equal
+
+
 def test_generation_equals_transformers_generate(tmp_path):
     reference = hf_llama(tmp_path, num_key_value_heads=1).double()
     ours = Llama.from_pretrained(tmp_path).double().eval()
@@ -207,7 +231,7 @@ def test_reads_bf16_safetensors_and_pytorch_model_bin(tmp_path):
     assert all(torch.equal(ours.state_dict()[name], w) for name, w in reference.state_dict().items())
 
 
-def test_init_from_samples_ids_and_scores_with_a_tokenizer(trained, corpus, tmp_path, capsys):
+def test_init_from_samples_ids_and_scores_with_the_folders_tokenizer(trained, corpus, tmp_path, capsys):
     tokenizer = trained("llama") / "tokenizer.json"
     vocab_size = bpe.Tokenizer.load(tokenizer).vocab_size  # a model that knows the ids of our tokenizer
     reference = hf_llama(tmp_path / "hf", vocab_size=vocab_size)
@@ -216,16 +240,14 @@ def test_init_from_samples_ids_and_scores_with_a_tokenizer(trained, corpus, tmp_
     expected = Llama.from_pretrained(tmp_path / "hf").eval().generate(torch.tensor([[3, 1, 4]]), 10, temperature=0)
     assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
 
-    code, out, _ = run_main(llama, capsys, "sample", "--init-from", tmp_path / "hf", "--tokenizer", tokenizer,
+    bpe.Tokenizer.load(tokenizer).save_pretrained(tmp_path / "hf")  # the folder's tokenizer, as export writes it
+    code, out, _ = run_main(llama, capsys, "sample", "--init-from", tmp_path / "hf",
                             "--prompt", "Мой дядя", "--max-new-tokens", 5, "--device", "cpu")
     assert code == 0 and out.startswith("Мой дядя")
-    code, out, _ = run_main(llama, capsys, "eval", "--init-from", tmp_path / "hf", "--tokenizer", tokenizer,
-                            "--data", corpus, "--device", "cpu")
+    code, out, _ = run_main(llama, capsys, "eval", "--init-from", tmp_path / "hf", "--data", corpus, "--device", "cpu")
     assert code == 0 and "validation split" in out and "bits per character" in out
 
     out_dir = tmp_path / "finetuned"  # train --init-from: its shape and weights, then our steps
-    out_dir.mkdir()
-    shutil.copy(tokenizer, out_dir / "tokenizer.json")
     code, out, err = run_main(llama, capsys, *train_args(corpus, out_dir, "--init-from", tmp_path / "hf",
                                                          "--max-iters", 1, "--lr", "1e-9"))
     assert code == 0, err
@@ -294,7 +316,7 @@ NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]
     (None, [*NEW, "--n-kv-head", "3"], "n_kv_head"),
     (None, [*NEW, "--init-from", "{tmp}/nowhere"], "config.json"),
     (hf_into_run, [*NEW, "--init-from", "{run}/hf"], "tokenizer"),
-    (hf_into_run, ["eval", "--init-from", "{run}/hf"], "--tokenizer"),
+    (hf_into_run, ["eval", "--init-from", "{run}/hf"], "no tokenizer"),
     (None, ["sample", "--init-from", "{tmp}", "--prompt-ids", "1"], "config.json"),
     (hf_into_run, ["sample", "--init-from", "{run}/hf", "--prompt", "текст"], "--prompt-ids"),
     (None, ["sample", "--out-dir", "{run}", "--tokenizer", "{run}/tokenizer.json"], "--tokenizer"),

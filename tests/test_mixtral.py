@@ -225,6 +225,7 @@ def test_init_from_trains_from_the_reference_weights(trained, corpus, tmp_path, 
     out_dir = shutil.copytree(trained("mixtral"), tmp_path / "run", ignore=shutil.ignore_patterns("ckpt.pt"))
     vocab_size = bpe.Tokenizer.load(out_dir / "tokenizer.json").vocab_size
     hf_mixtral(tmp_path / "hf", vocab_size=vocab_size, max_position_embeddings=64)
+    bpe.Tokenizer.load(out_dir / "tokenizer.json").save_pretrained(tmp_path / "hf")  # as export writes it
     code, _, err = run_main(mixtral, capsys, *train_args(corpus, out_dir, "--init-from", tmp_path / "hf",
                                                          "--max-iters", 1, "--lr", "1e-9"))
     assert code == 0, err

@@ -69,9 +69,8 @@ TABLE = {
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
     "gpt2": Model("gpt2", "GPTConfig", "GPT", "GPT-2", cache=True),
     "llama": Model("llama", "LlamaConfig", "Llama", "LLaMA", cache=True, tiny=dict(n_kv_head=2, multiple_of=8),
-                   sibling="gpt2", sibling_only=("export",),
-                   own_only=("prompt_ids", "prompt-ids", "--tokenizer", "args.tokenizer", "tokenizer=None",
-                             ", tokenizer)", "if tok", "tok and")),  # and sampling without a tokenizer (tok None)
+                   sibling="gpt2",
+                   own_only=("prompt_ids", "prompt-ids", "if tok", "tok and", "check(tok,")),  # and sampling without a tokenizer (tok None)
     "mistral": Model("mistral", "MistralConfig", "Mistral", "Mistral", cache=True, window=True,
                      tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5), sibling="llama"),
     "mixtral": Model("mixtral", "MixtralConfig", "Mixtral", "Mixtral", cache=True, window=True,

@@ -1,0 +1,222 @@
+"""
+Our models into llama.cpp: a Hugging Face folder that `export` wrote, as one GGUF file.
+
+GGUF is llama.cpp's format, read by everything built on it (llama-cli, Ollama, LM Studio):
+the model's hyperparameters and tokenizer as key-value metadata, then its tensors under
+llama.cpp's names. The `gguf` package, llama.cpp's own Python library, writes it: its
+writer, its metadata keys and its map from Hugging Face's tensor names to llama.cpp's.
+
+    python llama.py export --out-dir checkpoints/llama --to llama-hf
+    python hf_to_gguf.py llama-hf llama.gguf [--dtype f16]
+    llama-cli -m llama.gguf -p "Мой дядя"
+
+Architectures: gpt2 (gpt2.py), llama (llama.py, and mistral.py and mixtral.py, which
+llama.cpp runs as llama with experts), gemma (gemma.py). Where llama.cpp would compute
+another model than ours, the folder is refused, never written.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+import bpe
+
+try:
+    import gguf
+except ImportError:
+    gguf = None
+
+# config.json's model_type: llama.cpp's architecture.
+ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "mixtral": "llama",
+                 "gemma": "gemma"}
+# GPT-2's Conv1D weights are (in, out); llama.cpp's, as nn.Linear's, (out, in).
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+DTYPES = ("f32", "f16", "bf16")
+
+
+def check(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def read_folder(folder):
+    """config.json, the weights and the tokenizer of an exported folder."""
+    folder = Path(folder)
+    check((folder / "config.json").is_file(), f"{folder} has no config.json: export a run first")
+    config = bpe.read_json(folder / "config.json")
+    check(config.get("model_type") in ARCHITECTURES,
+          f"{folder} holds a {config.get('model_type')!r} model; hf_to_gguf.py converts "
+          f"{', '.join(ARCHITECTURES)}")
+    path = folder / "model.safetensors"
+    check(path.is_file(), f"{folder} has no model.safetensors")
+    weights = safetensors.torch.load_file(path)
+    tok = bpe.Tokenizer.from_pretrained(folder)
+    # llama.cpp's "gpt-2" pre-tokenizer is GPT-2's regex, the one bpe.py trains with.
+    check(type(tok) is bpe.Tokenizer and tok.pattern == bpe.GPT2_PATTERN and not tok.nfc,
+          f"{folder}'s tokenizer is not a byte-level BPE with GPT-2's split, as bpe.py's")
+    return config, weights, tok
+
+
+def check_computable(config):
+    """Refuse what llama.cpp would compute differently from our model."""
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    window = config.get("sliding_window")
+    # llama.cpp's llama has no window: past it, it would attend to keys ours does not.
+    check(window is None or window >= context,
+          f"sliding_window {window} is shorter than the context ({context}): llama.cpp's llama "
+          "architecture attends to the whole context, so it would run another model")
+    check(not config.get("rope_scaling"),
+          "rope_scaling is not converted: llama.cpp would turn RoPE unscaled")
+
+
+def write_hyperparameters(writer, arch, config):
+    """The shape, in llama.cpp's metadata keys (gguf.Keys) for the architecture."""
+    if arch == "gpt2":
+        writer.add_context_length(config["n_positions"])
+        writer.add_embedding_length(config["n_embd"])
+        writer.add_block_count(config["n_layer"])
+        writer.add_feed_forward_length(4 * config["n_embd"])
+        writer.add_head_count(config["n_head"])
+        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+        return
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    head_dim = config["head_dim"]
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    if config.get("num_local_experts"):
+        writer.add_expert_count(config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+
+
+def write_tokenizer(writer, tok):
+    """Our byte-level BPE as llama.cpp's "gpt2" tokenizer: the tokens as GPT-2's
+    printable stand-ins, id by id, the merges in rank order, the special tokens marked."""
+    pieces = tok.to_dict()["id2token"]
+    tokens = [pieces[str(id)] for id in range(tok.vocab_size)]
+    specials = set(tok.special_tokens.values())
+    types = [gguf.TokenType.CONTROL if id in specials else gguf.TokenType.NORMAL
+             for id in range(tok.vocab_size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{pieces[str(a)]} {pieces[str(b)]}" for a, b in tok.merges])
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_add_bos_token(tok.add_bos)
+
+
+def permute_for_rope(weight, n_head):
+    """q or k rows from our RoPE layout (feature i pairs with i + head_size / 2, as
+    transformers') to llama.cpp's llama (i pairs with i + 1), as llama.cpp's converter does."""
+    rows = weight.shape[0]
+    halves = weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama_cpp_tensors(arch, config, weights):
+    """(Hugging Face name, tensor) in llama.cpp's layout: GPT-2's Conv1D transposed; for
+    llama, q and k permuted and each layer's experts stacked into one tensor; for Gemma,
+    RMSNorm's 1 + w as w (llama.cpp's Gemma norm multiplies by the stored weight)."""
+    experts = {}
+    for name, weight in weights.items():
+        if arch == "gpt2" and name.endswith(CONV1D):
+            weight = weight.t()
+        if arch == "gemma" and name.endswith("norm.weight"):
+            weight = weight + 1
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            weight = permute_for_rope(weight, config["num_attention_heads"])
+        if arch == "llama" and name.endswith("k_proj.weight"):
+            weight = permute_for_rope(weight, config["num_key_value_heads"])
+        parts = name.split(".")
+        if "experts" in parts:
+            # ...block_sparse_moe.experts.3.w1.weight, expert 3's w1, joins ...experts.w1.weight
+            i = parts.index("experts")
+            merged = ".".join(parts[: i + 1] + parts[i + 2 :])
+            experts.setdefault(merged, {})[int(parts[i + 1])] = weight
+            continue
+        yield name, weight
+        # llama.cpp's gpt2 reads its head from output.weight, the token embedding's twin.
+        if arch == "gpt2" and name == "transformer.wte.weight":
+            yield "lm_head.weight", weight
+    for name, by_expert in experts.items():
+        yield name, torch.stack([by_expert[i] for i in sorted(by_expert)])  # (n_expert, out, in)
+
+
+def convert(folder, path, dtype="f32"):
+    """Write the exported folder as the GGUF file at path (atomically). Raises ValueError
+    for what llama.cpp cannot run as our model, or a folder that is not an export."""
+    check(gguf is not None, "hf_to_gguf.py needs the gguf package: pip install gguf")
+    config, weights, tok = read_folder(folder)
+    check_computable(config)
+    arch = ARCHITECTURES[config["model_type"]]
+    if arch != "gpt2":
+        config = {"head_dim": config["hidden_size"] // config["num_attention_heads"], **config}
+    n_layer = config.get("num_hidden_layers") or config.get("n_layer")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
+    tmp = Path(f"{path}.tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    writer.add_name(Path(folder).name)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    writer.add_file_type(file_type)
+    write_hyperparameters(writer, arch, config)
+    write_tokenizer(writer, tok)
+    for name, weight in llama_cpp_tensors(arch, config, weights):
+        ours = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        check(ours is not None, f"{folder}'s tensor {name} has no place in llama.cpp's {arch}")
+        add_tensor(writer, ours, weight, dtype)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {path}: llama.cpp's {arch}, {len(tok.merges)} merges, {dtype}")
+
+
+def add_tensor(writer, name, weight, dtype):
+    """One tensor; vectors (norms, biases) stay float32, as llama.cpp keeps them."""
+    weight = weight.float()
+    if weight.dim() == 1 or dtype == "f32":
+        writer.add_tensor(name, weight.numpy())
+    elif dtype == "f16":
+        writer.add_tensor(name, weight.to(torch.float16).numpy())
+    else:
+        bf16 = gguf.GGMLQuantizationType.BF16
+        data = gguf.quants.quantize(weight.numpy(), bf16)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=bf16)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     allow_abbrev=False)
+    parser.add_argument("folder", help="a folder that `MODEL.py export` wrote")
+    parser.add_argument("gguf_file", help="the GGUF file to write")
+    parser.add_argument("--dtype", choices=DTYPES, default="f32",
+                        help="the matrices' number type (vectors stay f32)")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.folder, args.gguf_file, args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

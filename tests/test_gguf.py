@@ -1,0 +1,93 @@
+"""hf_to_gguf.py: an exported folder of every architecture as a GGUF file. Read back with
+the `gguf` package: the metadata and tensors llama.cpp expects. Run by llama.cpp itself
+(llama-cpp-python, optional: pip install llama-cpp-python, ~7 minutes to compile): its
+tokenizer gives our ids, and its greedy tokens equal ours for 20 new tokens."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import SENTENCES, one_line_error, randomize, run_cli
+from test_models import TABLE
+
+import bpe
+
+gguf = pytest.importorskip("gguf")
+import hf_to_gguf  # noqa: E402
+
+SHAPE = dict(block_size=64, n_layer=2, n_head=4, n_embd=32, sliding_window=64)  # a window as long as the context
+MODELS = ["gpt2", "llama", "mistral", "mixtral", "gemma"]
+PROMPT = "Мой дядя самых честных правил"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe.Tokenizer.train(SENTENCES * 3, 400)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def converted(request, tok, tmp_path_factory):
+    """(our model, the GGUF file) of a random model of each file, exported and converted."""
+    model = randomize(TABLE[request.param].build(vocab_size=tok.vocab_size, **SHAPE))
+    folder = tmp_path_factory.mktemp(request.param)
+    importlib.import_module(request.param).export(model, tok, folder / "hf")
+    hf_to_gguf.convert(folder / "hf", folder / "model.gguf")
+    return model, folder / "model.gguf"
+
+
+def test_the_file_holds_what_llama_cpp_reads(converted, tok):
+    model, path = converted
+    reader = gguf.GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    assert arch == {"GPT": "gpt2", "Gemma": "gemma"}.get(type(model).__name__, "llama")
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert [bytes(tokens.parts[i]).decode() for i in tokens.data] == [tok.to_dict()["id2token"][str(i)]
+                                                                       for i in range(tok.vocab_size)]
+    assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "blk.1.attn_norm.weight" in names
+    if type(model).__name__ == "Mixtral":
+        assert "blk.0.ffn_gate_exps.weight" in names
+
+
+def test_llama_cpp_tokenizes_and_generates_as_we_do(converted, tok):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="optional: pip install llama-cpp-python")
+    model, path = converted
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=SHAPE["block_size"], n_threads=1, logits_all=True,
+                          verbose=False)
+    ids = tok.encode_prompt(PROMPT)
+    assert llm.tokenize(PROMPT.encode("utf-8"), add_bos=True, special=False) == ids
+    expected = model.eval().generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+    llm.eval(ids)
+    got = []
+    for _ in range(20):
+        got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(got[-1:])
+    assert got == expected
+
+
+def test_a_window_llama_cpp_would_ignore_is_refused(tok, tmp_path):
+    import mistral
+
+    model = TABLE["mistral"].build(vocab_size=tok.vocab_size, **{**SHAPE, "sliding_window": 8})
+    mistral.export(model, tok, tmp_path / "hf")
+    result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
+    assert one_line_error(result.returncode, result.stderr, "sliding_window"), result.stderr
+    assert not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_half_precision_files(tok, tmp_path, dtype):
+    import llama
+
+    llama.export(TABLE["llama"].build(vocab_size=tok.vocab_size, **SHAPE), tok, tmp_path / "hf")
+    hf_to_gguf.convert(tmp_path / "hf", tmp_path / "model.gguf", dtype)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert kinds["blk.0.attn_q.weight"] == dtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_without_the_gguf_package_one_line_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hf_to_gguf, "gguf", None)
+    assert hf_to_gguf.main([str(tmp_path), str(tmp_path / "model.gguf")]) == 1
+    assert one_line_error(1, capsys.readouterr().err, "pip install gguf")
