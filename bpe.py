@@ -621,6 +621,7 @@ class ByteFallback(dict):
 
 
 def fuse_bytes(run):
+    """A run of byte pieces' bytes as text, as `tokenizers` fuses them."""
     try:
         return bytes(run).decode("utf-8")
     except UnicodeDecodeError:
@@ -641,6 +642,7 @@ def read_json(path, missing=None):
 
 
 def refuse(path, what, value):
+    """The one-line error for a part of tokenizer.json that bpe.py does not compute."""
     return ValueError(f"{path} has a {what} that bpe.py does not compute: "
                       f"{json.dumps(value)[:120]}")
 

@@ -21,8 +21,8 @@ are out of scope: they are the next steps.
     python gemma.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` runs Hugging Face's Gemma folders, text in and out:
-Gemma 2B and 7B.
+`--init-from DIR` runs Hugging Face's Gemma folders, text in and out
+(Gemma 2B and 7B); `export` writes ours as one.
 """
 
 import argparse

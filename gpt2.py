@@ -15,7 +15,8 @@ is GPT-1 (gpt1.py), a decoder-only Transformer that predicts the next token, wit
     python gpt2.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` and `export` read and write Hugging Face's GPT-2 folders.
+`--init-from DIR` runs Hugging Face's GPT-2 folders (OpenAI's GPT-2), and `export`
+writes ours as one.
 """
 
 import argparse

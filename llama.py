@@ -15,8 +15,8 @@ is GPT-2 (gpt2.py), Pre-norm, with the parts inside swapped for ones later work 
     python llama.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` runs Hugging Face's LLaMA folders, text in and out:
-TinyLlama, SmolLM2, Llama 2 and 3.x.
+`--init-from DIR` runs Hugging Face's LLaMA folders, text in and out
+(TinyLlama, SmolLM2, Llama 2 and 3.x); `export` writes ours as one.
 """
 
 import argparse

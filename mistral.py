@@ -18,8 +18,8 @@ grouped-query attention, an untied head) with sliding-window attention:
     python mistral.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` runs Hugging Face's Mistral folders, text in and out:
-Mistral 7B.
+`--init-from DIR` runs Hugging Face's Mistral folders, text in and out
+(Mistral 7B); `export` writes ours as one.
 """
 
 import argparse

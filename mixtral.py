@@ -20,8 +20,8 @@ per token (mistral.py: 5.96M, the same compute).
     python mixtral.py sample --prompt "Мой дядя"
 
 Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
-`--init-from DIR` runs Hugging Face's Mixtral folders, text in and out:
-Mixtral 8x7B.
+`--init-from DIR` runs Hugging Face's Mixtral folders, text in and out
+(Mixtral 8x7B); `export` writes ours as one.
 """
 
 import argparse
