@@ -665,7 +665,9 @@ def read_tokenizer_json(folder):
     its beginning- and end-of-text tokens. Raises ValueError naming what it cannot read."""
     path = Path(folder) / "tokenizer.json"
     data = read_json(path)
-    model = data.get("model") or {}
+    if "model" not in data:  # a run's own, perhaps
+        return Tokenizer.load(path)
+    model = data["model"] or {}
     settings = {key: value for key, value in model.items() if key not in ("vocab", "merges")}
     if any((settings.get(key) or None) != value for key, value in PLAIN_BPE.items()):
         raise refuse(path, "model", settings)
