@@ -541,7 +541,8 @@ class SentencePieceBPE(Tokenizer):
         "ab ab" -> ▁ab▁ab -> ▁ a b ▁ a b -> ▁ ab ▁ ab -> ▁ab ▁ab
 
     pieces: {piece: id}; merges: [(piece, piece)] by rank; special_tokens: {name: id};
-    prefix: "always" (Llama 2), "first" (Metaspace: unless there is one) or None (Gemma);
+    prefix: "always" (Llama 2: "▁" before any text), "first" (Metaspace's first and always
+    schemes: "▁" before a text that does not start with one) or None (Gemma);
     split: cut before each "▁". Raises ValueError without the 256 byte pieces."""
 
     def __init__(self, pieces, merges, special_tokens, prefix="always", split=False):
@@ -585,7 +586,8 @@ class SentencePieceBPE(Tokenizer):
         return merge_ranked(chunk.translate(self._symbols), self._ranks, self._merged)
 
     def decode(self, ids):
-        """Ids -> text, without the "▁" that encoding put first."""
+        """Ids -> text, without the text's first space: the "▁" that encoding put first
+        (or, as `tokenizers` decodes it, a space it found there)."""
         text = "".join(self.decode_stream(ids))
         if self.prefix:
             text = text.removeprefix(" ")
@@ -629,7 +631,8 @@ def fuse_bytes(run):
 
 
 def read_json(path, missing=None):
-    """The JSON object in a file, or `missing` if none; ValueError if it holds none."""
+    """The JSON object in a file; `missing` if there is no file and `missing` is given, else
+    FileNotFoundError. ValueError if the file holds no JSON object."""
     if missing is not None and not Path(path).is_file():
         return missing
     try:
@@ -667,11 +670,11 @@ def read_tokenizer_json(folder):
     data = read_json(path)
     if "model" not in data:  # a run's own, perhaps
         return Tokenizer.load(path)
-    model = data["model"] or {}
-    settings = {key: value for key, value in model.items() if key not in ("vocab", "merges")}
-    if any((settings.get(key) or None) != value for key, value in PLAIN_BPE.items()):
-        raise refuse(path, "model", settings)
     try:
+        model = data["model"]
+        settings = {key: value for key, value in model.items() if key not in ("vocab", "merges")}
+        if any((settings.get(key) or None) != value for key, value in PLAIN_BPE.items()):
+            raise refuse(path, "model", settings)
         specials = {token["content"]: token["id"] for token in data.get("added_tokens", [])}
         vocab = model["vocab"]
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
@@ -679,9 +682,9 @@ def read_tokenizer_json(folder):
             tok = SentencePieceBPE(vocab, merges, specials, *sentencepiece_form(path, data))
         else:
             tok = byte_level(path, data, vocab, merges, specials)
-    except (KeyError, TypeError, AttributeError, regex.error) as e:
-        raise ValueError(f"{path} is corrupt: {e!r:.80}") from None
-    tok.bos_id, tok.add_bos, tok.eos_id = special_ids(Path(folder), data, specials)
+        tok.bos_id, tok.add_bos, tok.eos_id = special_ids(Path(folder), data, specials)
+    except (KeyError, TypeError, AttributeError, IndexError, regex.error) as e:
+        raise ValueError(f"{path} (or its tokenizer_config.json) is corrupt: {e!r:.80}") from None
     return tok
 
 
@@ -1070,9 +1073,16 @@ def cmd_decode(args):
     print(open_tokenizer(args.tokenizer).decode(args.ids))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Byte-level BPE tokenizer.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(description="Byte-level BPE tokenizer.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     # allow_abbrev=False: a mistyped flag is an error, never another flag.
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False}
     train = commands.add_parser("train", help="learn a vocabulary from the corpus", **defaults)

@@ -962,8 +962,8 @@ def export(model, tok, folder):
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     tok.save_pretrained(folder)
-    print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, vocab.json, "
-          "merges.txt")
+    print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, "
+          "tokenizer_config.json, vocab.json, merges.txt")
 
 
 def cmd_export(args):

@@ -10,13 +10,15 @@ writer, its metadata keys and its map from Hugging Face's tensor names to llama.
     python hf_to_gguf.py llama-hf llama.gguf [--dtype f16]
     llama-cli -m llama.gguf -p "Мой дядя"
 
-Architectures: gpt2 (gpt2.py), llama (llama.py, and mistral.py and mixtral.py, which
+Architectures: gpt2 (gpt2.py), llama (llama.py and mistral.py, and mixtral.py, which
 llama.cpp runs as llama with experts), gemma (gemma.py). Where llama.cpp would compute
-another model than ours, the folder is refused, never written.
+another model than ours, the folder is refused, never written. Within the context, that is:
+past it, llama.cpp attends to every key, where our models crop or slide their window.
 """
 
 import argparse
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -53,8 +55,14 @@ def read_folder(folder):
           f"{', '.join(ARCHITECTURES)}")
     path = folder / "model.safetensors"
     check(path.is_file(), f"{folder} has no model.safetensors")
-    weights = safetensors.torch.load_file(path)
+    try:
+        weights = safetensors.torch.load_file(path)
+    except Exception:  # truncated, foreign, ...
+        raise ValueError(f"{path} is corrupt: it cannot be read") from None
     tok = bpe.Tokenizer.from_pretrained(folder)
+    check(tok.vocab_size <= config.get("vocab_size", 0) and None not in (tok.bos_id, tok.eos_id),
+          f"{folder}'s tokenizer does not fit its model: {tok.vocab_size} tokens for "
+          f"{config.get('vocab_size')}, beginning and end {tok.bos_id} and {tok.eos_id}")
     # llama.cpp's "gpt-2" pre-tokenizer is GPT-2's regex, the one bpe.py trains with.
     check(type(tok) is bpe.Tokenizer and tok.pattern == bpe.GPT2_PATTERN and not tok.nfc,
           f"{folder}'s tokenizer is not a byte-level BPE with GPT-2's split, as bpe.py's")
@@ -70,7 +78,7 @@ def check_computable(config):
           f"sliding_window {window} is shorter than the context ({context}): llama.cpp's llama "
           "architecture attends to the whole context, so it would run another model")
     check(not config.get("rope_scaling"),
-          "rope_scaling is not converted: llama.cpp would turn RoPE unscaled")
+          "rope_scaling is not converted here (llama.cpp's rope_freqs): it would run unscaled")
 
 
 def write_hyperparameters(writer, arch, config):
@@ -159,7 +167,18 @@ def convert(folder, path, dtype="f32"):
     """Write the exported folder as the GGUF file at path (atomically). Raises ValueError
     for what llama.cpp cannot run as our model, or a folder that is not an export."""
     check(gguf is not None, "hf_to_gguf.py needs the gguf package: pip install gguf")
+    check(Path(folder).resolve() not in Path(path).resolve().parents,
+          f"{path} is inside {folder}: write the GGUF file elsewhere")
     config, weights, tok = read_folder(folder)
+    try:
+        write_gguf(folder, path, dtype, config, weights, tok)
+    # A key missing, or a number that is None or not a number.
+    except (KeyError, TypeError, struct.error) as e:
+        raise ValueError(f"{folder}/config.json lacks a value or mistypes one ({e})") from None
+
+
+def write_gguf(folder, path, dtype, config, weights, tok):
+    """convert's work, on a folder read and checked."""
     check_computable(config)
     arch = ARCHITECTURES[config["model_type"]]
     if arch != "gpt2":
@@ -202,9 +221,15 @@ def add_tensor(writer, name, weight, dtype):
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=bf16)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.add_argument("folder", help="a folder that `MODEL.py export` wrote")
     parser.add_argument("gguf_file", help="the GGUF file to write")
     parser.add_argument("--dtype", choices=DTYPES, default="f32",

@@ -10,6 +10,7 @@ from array import array
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -536,13 +537,13 @@ def test_encode_reads_a_file_or_stdin(tok, tmp_path):
         assert run.returncode == 0 and run.stdout.startswith(expected), run.stderr
     assert "stdin" in run_bpe("encode", "--help").stdout
     both = run_bpe("encode", "--tokenizer", tmp_path / "tok.json", "--file", tmp_path / "text.txt", "text")
-    assert both.returncode == 2 and "not allowed with" in both.stderr
+    assert one_line_error(both.returncode, both.stderr, "not allowed with")
 
 
 def test_an_abbreviated_flag_is_an_error(tmp_path):
     data = write_corpus(tmp_path / "c", NOVELS)
     result = run_bpe("train", "--vocab", 300, "--data", data, "--out", tmp_path / "t.json")
-    assert result.returncode == 2 and "unrecognized arguments: --vocab" in result.stderr
+    assert one_line_error(result.returncode, result.stderr, "unrecognized arguments: --vocab")
     assert not (tmp_path / "t.json").exists()
 
 

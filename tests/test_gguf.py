@@ -4,6 +4,7 @@ the `gguf` package: the metadata and tensors llama.cpp expects. Run by llama.cpp
 tokenizer gives our ids, and its greedy tokens equal ours for 20 new tokens."""
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -91,3 +92,42 @@ def test_without_the_gguf_package_one_line_says_so(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(hf_to_gguf, "gguf", None)
     assert hf_to_gguf.main([str(tmp_path), str(tmp_path / "model.gguf")]) == 1
     assert one_line_error(1, capsys.readouterr().err, "pip install gguf")
+
+
+def spoil_config(**changes):
+    def spoil(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return spoil
+
+
+def truncate_weights(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:100])
+
+
+@pytest.mark.parametrize("spoil, key", [
+    (spoil_config(hidden_size=None), "config.json"),
+    (spoil_config(max_position_embeddings=None), "config.json"),
+    (spoil_config(vocab_size=10), "does not fit"),
+    (truncate_weights, "corrupt"),
+])
+def test_a_bad_folder_is_one_line(spoil, key, tok, tmp_path):
+    import llama
+
+    llama.export(TABLE["llama"].build(vocab_size=tok.vocab_size, **SHAPE), tok, tmp_path / "hf")
+    spoil(tmp_path / "hf")
+    result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
+    assert one_line_error(result.returncode, result.stderr, key), result.stderr
+
+
+def test_the_file_is_never_written_into_the_folder_it_reads(tok, tmp_path):
+    import llama
+
+    llama.export(TABLE["llama"].build(vocab_size=tok.vocab_size, **SHAPE), tok, tmp_path / "hf")
+    weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "hf" / "model.safetensors")
+    assert one_line_error(result.returncode, result.stderr, "inside"), result.stderr
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights
+    result = run_cli("hf_to_gguf", tmp_path / "hf")
+    assert one_line_error(result.returncode, result.stderr, "gguf_file"), result.stderr

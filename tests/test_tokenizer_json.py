@@ -91,7 +91,7 @@ def test_long_text_without_a_space_encodes_in_linear_time(form):
 def edit(folder, **changes):
     data = json.loads((folder / "tokenizer.json").read_text("utf-8"))
     for key, value in changes.items():
-        if key.startswith("model_"):
+        if key.startswith("model_") and isinstance(data["model"], dict):
             data["model"][key.removeprefix("model_")] = value
         else:
             data[key] = value
@@ -109,6 +109,9 @@ def edit(folder, **changes):
     ("llama2", dict(normalizer={"type": "NFKC"}), "NFKC"),
     ("llama2", dict(decoder=None), "decoder"),
     ("gpt2", dict(model_merges=[["Ġ", "nowhere"]]), "corrupt"),
+    ("gpt2", dict(model=[1]), "corrupt"),
+    ("llama2", dict(post_processor={"type": "TemplateProcessing", "single": [], "pair": [],
+                                    "special_tokens": {}}), "corrupt"),
 ])
 def test_what_bpe_py_does_not_compute_is_refused_by_name(form, changes, named, tmp_path):
     families.save_folder(form, tmp_path)
