@@ -494,9 +494,13 @@ def merge_ranked(symbols, ranks, merged):
         after[i] = k
         if k < n:
             before[k] = i
+        # The two pairs the merged token makes with its neighbours.
         for left, right in (before[i], i), (i, k):
-            if left >= 0 and right < n and s[left] + s[right] in ranks:
-                heapq.heappush(heap, ranks[s[left] + s[right]] * n + left)
+            new_rank = None
+            if left >= 0 and right < n:
+                new_rank = ranks.get(s[left] + s[right])
+            if new_rank is not None:
+                heapq.heappush(heap, new_rank * n + left)
     return [ord(token) for token in s if token]
 
 
@@ -549,7 +553,9 @@ class SentencePieceBPE(Tokenizer):
         # Not Tokenizer's: the ids are the pieces', and merges join characters.
         self.special_tokens = special_tokens
         self.prefix = prefix
-        self.bos_id = self.eos_id = None
+        # The folder's beginning- and end-of-text tokens are set by read_tokenizer_json.
+        self.bos_id = None
+        self.eos_id = None
         self.add_bos = False
         matches = {id: BYTE_PIECE.fullmatch(piece) for piece, id in pieces.items()}
         self._byte = {id: int(m[1], 16) for id, m in matches.items() if m}
@@ -569,10 +575,11 @@ class SentencePieceBPE(Tokenizer):
         # Unless a merge makes "x▁" (x not "▁"), and SentencePiece's do not, cutting before
         # each run of "▁" changes no id: words then repeat, and are encoded once.
         crossing = any(regex.search(f"[^{SPACE}]{SPACE}", a + b) for a, b in merges)
-        words = [f"{SPACE}+[^{SPACE}]*|[^{SPACE}]+"] * (not crossing)
+        self._compiled = []
         if split:
-            words = [f"[^{SPACE}]+|{SPACE}[^{SPACE}]*"]
-        self._compiled = [regex.compile(p) for p in words]
+            self._compiled = [regex.compile(f"[^{SPACE}]+|{SPACE}[^{SPACE}]*")]
+        elif not crossing:
+            self._compiled = [regex.compile(f"{SPACE}+[^{SPACE}]*|[^{SPACE}]+")]
 
     def normalize(self, text):
         """Spaces as "▁", and the prefix "▁" where this tokenizer puts one."""
@@ -720,7 +727,8 @@ def split_patterns(path, pre_tokenizer):
         elif kind == "Digits":
             patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
         elif kind == "ByteLevel" and step is found[-1] and not step.get("add_prefix_space"):
-            patterns += [GPT2_PATTERN] * step.get("use_regex", True)
+            if step.get("use_regex", True):
+                patterns.append(GPT2_PATTERN)
         else:
             raise refuse(path, "pre-tokenizer", step)
     if not found or found[-1].get("type") != "ByteLevel":
