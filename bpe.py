@@ -1,10 +1,10 @@
 """
 Byte-level BPE: the tokenizer every model file of this project shares.
 
-Byte Pair Encoding (Sennrich et al., 2016) learns, one merge at a time, to fuse
-the most frequent pair of adjacent symbols into a new symbol; byte-level BPE
-(GPT-2, Radford et al., 2019) starts from the 256 bytes, so any text has tokens.
-Encoding applies the learned merges in the order they were learned.
+Byte Pair Encoding (Sennrich et al., 2016) learns to fuse the most frequent pair of
+adjacent symbols into a new symbol, one merge at a time. Byte-level BPE (GPT-2, Radford
+et al., 2019) starts from the 256 bytes, so any text has tokens. Encoding applies the
+merges in the order they were learned.
 
     python bpe.py train --vocab-size 3000 --data DIR --out PATH
     python bpe.py encode --tokenizer PATH "Привет, мир!"
@@ -35,10 +35,9 @@ import regex
 # -----------------------------------------------------------------------------
 # 1. The textbook trainer
 #
-# Pre-tokenization: a regex cuts text into chunks, and merges never cross them.
-# GPT-2's pattern: English contractions, runs of letters (\p{L}, any script), of
-# digits (\p{N}), of other symbols, each optionally led by one space; then spaces,
-# whose last one `\s+(?!\S)` leaves to the next word, so " word" stays one chunk.
+# Pre-tokenization: a regex cuts text into chunks, and merges never cross them. GPT-2's
+# pattern: English contractions, then runs of letters, of digits or of other symbols, each
+# led by at most one space. A run of spaces leaves its last one to the next word (" word").
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Separates documents; ordinary text never produces it.
 EOT = "<|endoftext|>"
@@ -47,8 +46,7 @@ MAX_VOCAB_SIZE = 2**16
 
 
 def count_chunks(texts, pattern=GPT2_PATTERN):
-    """Count how often each chunk occurs in a list of texts cut by `pattern`, so
-    that each distinct chunk is trained once. Large inputs use every core.
+    """How often each chunk of `texts` occurs, so that each distinct chunk is trained once.
     >>> count_chunks(["a cat, a hat; a cat"])
     Counter({' cat': 2, ' a': 2, 'a': 1, ',': 1, ' hat': 1, ';': 1})"""
     compiled = regex.compile(pattern)
@@ -59,8 +57,7 @@ def count_chunks(texts, pattern=GPT2_PATTERN):
 
 
 def get_pair_counts(chunks):
-    """Count how often token a is directly followed by token b, as {(a, b): count},
-    over chunks given as {tuple of ids: how often the chunk occurs}.
+    """How often token a is followed by token b, {(a, b): count}, in {ids: count}.
     >>> get_pair_counts({(1, 2, 3): 1, (1, 2): 2})
     Counter({(1, 2): 3, (2, 3): 1})"""
     pair_counts = Counter()
@@ -87,12 +84,9 @@ def merge(ids, pair, new_id):
 
 
 def train_reference(chunk_counts, n_merges):
-    """BPE training as Sennrich et al. state it, on {chunk: count}. Each chunk starts
-    as the tuple of its UTF-8 bytes. Each round counts all adjacent pairs, picks the
-    most frequent (ties: the smallest (a, b), comparing a, then b) and merges it into
-    a new id 256, 257, ... Returns the merges [(a, b), ...], fewer than n_merges if
-    every chunk becomes one token. With a = 97 and b = 98, it merges ab, then aa,
-    then aa+ab:
+    """BPE training as Sennrich et al. state it, on {chunk: count}. A chunk starts as its
+    UTF-8 bytes. Each round merges the most frequent pair (ties: the smallest) into a new id
+    256, 257, ... Returns up to n_merges merges [(a, b), ...]. With a = 97 and b = 98:
     >>> train_reference({"aaab": 1, "ab": 2}, 3)
     [(97, 98), (97, 97), (257, 256)]"""
     chunks = {tuple(chunk.encode("utf-8")): n for chunk, n in chunk_counts.items()}
@@ -112,18 +106,14 @@ def train_reference(chunk_counts, n_merges):
 # 2. The fast trainer
 #
 # The same merges, with three changes:
-# - A chunk is a `str` of chr(id), one character per token (its UTF-8 bytes read
-#   as latin-1 are the byte ids), so merging "ab" into id n is, in C and left to
-#   right like `merge`, `chunk.replace("ab", chr(n))`. Pairs are 2-character
-#   strings, which compare as (a, b) do, so the tie rule holds.
-# - Pair counts are updated, not recounted: a merge changes only the pairs next
-#   to its occurrences, in the chunks an index {pair: chunk numbers} lists.
-# - The most frequent pair comes from a heap of (-count, pair). Counts only fall,
-#   except for the pairs a merge creates (pushed when created), so a popped entry
-#   whose count has fallen is pushed back; the first exact one is the maximum.
+# - A chunk is a str with one character chr(id) per token, so that merging "ab" into n is
+#   `chunk.replace("ab", chr(n))`, in C. Pairs are 2-character strings, which sort as (a, b).
+# - A merge changes only the pairs beside its occurrences, in the chunks that an index
+#   {pair: chunk numbers} lists: pair counts are updated, not recounted.
+# - The most frequent pair comes from a heap of (-count, pair). Counts only fall, except
+#   for new pairs (pushed when made), so an entry whose count fell is pushed back.
 def train_fast(chunk_counts, n_merges, log=None):
-    """The merges `train_reference` learns from {chunk: count}, found as above.
-    `log` (e.g. print), if given, gets a progress line every few seconds."""
+    """The merges of `train_reference`, found as above. `log` (print) gets progress lines."""
     chunks = [chunk.encode("utf-8").decode("latin-1") for chunk in chunk_counts]
     counts = list(chunk_counts.values())
     pair_counts = defaultdict(int)
@@ -156,12 +146,10 @@ def train_fast(chunk_counts, n_merges, log=None):
 
 
 def merge_everywhere(pair, new, chunks, counts, pair_counts, where):
-    """Merge `pair` into token `new` in every chunk that holds it, updating the pair
-    counts and the index; return {created pair: count}. "x a b y" -> "x n y": (x, a),
-    (a, b), (b, y) lose the chunk's count, (x, n), (n, y) gain it. Where occurrences
-    touch ("a b a b" -> "n n"), (b, a) becomes (n, n), counted from the right one."""
+    """Merge `pair` into `new` in every chunk that holds it, updating the counts and the
+    index; return {created pair: count}. "x a b y" -> "x n y": (x, a), (a, b), (b, y) lose
+    the chunk's count, (x, n) and (n, y) gain it. In "a b a b" -> "n n", (b, a) is (n, n)."""
     a, b = pair
-    # The counts of the new pairs, which all contain `new`.
     created = defaultdict(int)
     for i in where.pop(pair):
         chunk = chunks[i]
@@ -192,8 +180,8 @@ def merge_everywhere(pair, new, chunks, counts, pair_counts, where):
 # 3. GPT-2's files and the Tokenizer
 #
 # GPT-2's vocab.json and merges.txt (and our tokenizer.json) write a token with one
-# printable stand-in per byte (GPT-2's bytes_to_unicode): printable Latin-1 bytes
-# stand for themselves, the others for U+0100, U+0101, ... So " cat" is "Ġcat".
+# printable stand-in per byte (GPT-2's bytes_to_unicode): printable Latin-1 bytes stand
+# for themselves, the others for U+0100, U+0101, ... So " cat" is "Ġcat".
 PRINTABLE = {
     *range(ord("!"), ord("~") + 1),
     *range(ord("¡"), ord("¬") + 1),
@@ -208,8 +196,8 @@ STAND_IN_BYTES = {c: b for b, c in BYTE_STAND_INS.items()}
 
 
 def piece_to_bytes(piece):
-    """Return the bytes of a token as vocab.json writes it ("Ġcat" -> b" cat").
-    Raises ValueError if one of its characters stands for no byte."""
+    """The bytes of a token as vocab.json writes it ("Ġcat" -> b" cat"). Raises ValueError
+    for a character that stands for no byte."""
     try:
         return bytes(STAND_IN_BYTES[c] for c in piece)
     except KeyError as e:
@@ -218,14 +206,18 @@ def piece_to_bytes(piece):
 
 
 class Tokenizer:
-    """Byte-level BPE: a vocabulary {id: bytes} (the 256 bytes and a token per
-    merge), the merges in the order learned, and special tokens (<|endoftext|>)
-    outside them. Ours number bytes 0..255, merge i 256 + i, special tokens last;
-    GPT-2's files number them otherwise, so ids are looked up, never computed."""
+    """Byte-level BPE: a vocabulary {id: bytes} (the 256 bytes and a token per merge), the
+    merges in the order learned, and special tokens ({name: id}) that no text produces.
+    Ours number bytes 0..255, merge i 256 + i, special tokens last; GPT-2's files number
+    them otherwise, so ids are looked up, never computed."""
+
+    # What a tokenizer.json may ask for: NFC first (Qwen), and a chunk that is a token taken
+    # whole (Llama 3).
+    nfc = False
+    ignore_merges = False
 
     def __init__(self, merges, special_tokens=None, pattern=GPT2_PATTERN, vocab=None):
         self.merges = [tuple(pair) for pair in merges]
-        # Unless given, number tokens as this project does: the bytes, then the merges.
         if vocab is None:
             vocab = {b: bytes([b]) for b in range(256)}
             for a, b in self.merges:
@@ -238,7 +230,7 @@ class Tokenizer:
         self.bos_id = special_tokens.get(EOT)
         self.eos_id = self.bos_id
         self.add_bos = True
-        # One regex, or (read from tokenizer.json) several that cut in turn.
+        # One regex, or (from tokenizer.json) several that cut in turn.
         self.pattern = pattern
         patterns = [pattern] if isinstance(pattern, str) else pattern
         self._compiled = [regex.compile(p) for p in patterns]
@@ -246,19 +238,16 @@ class Tokenizer:
         tokens = {**vocab, **specials}
         if sorted(tokens) != list(range(len(vocab) + len(special_tokens))):
             raise ValueError("token ids must be 0, 1, 2, ... with no gap and no id given twice")
-        # The bytes each id stands for.
         self._bytes = [tokens[id] for id in range(len(tokens))]
         self.vocab_size = len(self._bytes)
-        # Encoding works on strings of chr(id), as the fast trainer does: each byte
-        # maps to its id, and each merge "ab" to its rank and its merged id.
-        id_of = {token: id for id, token in vocab.items()}
-        self._id_of = id_of
+        # Encoding works on strings of chr(id), as the fast trainer does: each byte maps to
+        # its id, and each merge "ab" to its rank and its merged id.
+        self._id_of = {token: id for id, token in vocab.items()}
         try:
-            self._byte_ids = {b: chr(id_of[bytes([b])]) for b in range(256)}
-            self._merged = [chr(id_of[vocab[a] + vocab[b]]) for a, b in self.merges]
+            self._byte_ids = {b: chr(self._id_of[bytes([b])]) for b in range(256)}
+            self._merged = [chr(self._id_of[vocab[a] + vocab[b]]) for a, b in self.merges]
         except KeyError as e:
-            missing = e.args[0]
-            raise ValueError(f"the vocabulary lacks the byte or merged token {missing!r}") from None
+            raise ValueError(f"the vocabulary lacks the token {e.args[0]!r}") from None
         self._ranks = {chr(a) + chr(b): rank for rank, (a, b) in enumerate(self.merges)}
         self._cache = {}
 
@@ -272,15 +261,13 @@ class Tokenizer:
                              f"got {vocab_size}")
         merges = train_fast(count_chunks(list(texts)), n_merges, log)
         if log and len(merges) < n_merges:
-            log(f"the text has only {len(merges)} distinct merges; "
-                f"vocabulary is {257 + len(merges)}")
+            log(f"the text has only {len(merges)} merges: vocabulary {257 + len(merges)}")
         return cls(merges)
 
     @classmethod
     def from_pretrained(cls, folder):
-        """Read a Hugging Face folder's tokenizer.json (read_tokenizer_json), or GPT-2's
-        files: vocab.json ({token: id}) and merges.txt ("a b" a line, in rank order),
-        where a token that is neither a byte nor made by a merge is a special token."""
+        """A Hugging Face folder's tokenizer.json (read_tokenizer_json), or GPT-2's vocab.json
+        ({token: id}) and merges.txt ("a b" a line, by rank). Raises ValueError if corrupt."""
         folder = Path(folder)
         if (folder / "tokenizer.json").is_file():
             return read_tokenizer_json(folder)
@@ -301,6 +288,7 @@ class Tokenizer:
         except KeyError as e:
             raise ValueError(f"{folder}/merges.txt names {e.args[0]!r}, "
                              f"which vocab.json lacks") from None
+        # A token that is neither a byte nor made by a merge is a special token.
         made = set(BYTE_STAND_INS.values()) | {a + b for a, b in pairs}
         vocab = {id: piece_to_bytes(piece) for piece, id in token2id.items() if piece in made}
         special = {piece: id for piece, id in token2id.items() if piece not in made}
@@ -310,12 +298,11 @@ class Tokenizer:
         return tok
 
     def save_pretrained(self, folder):
-        """Write vocab.json and merges.txt, and the same as tokenizer.json and
-        tokenizer_config.json (write_tokenizer_json): the files `from_pretrained` reads."""
+        """Write the files `from_pretrained` reads: tokenizer.json and tokenizer_config.json
+        (write_tokenizer_json), and GPT-2's vocab.json and merges.txt."""
         folder = Path(folder)
         write_tokenizer_json(self, folder)
-        vocab_json = json.dumps(self.to_dict()["token2id"], ensure_ascii=False)
-        write_atomically(folder / "vocab.json", vocab_json.encode("utf-8"))
+        write_json(folder / "vocab.json", self.to_dict()["token2id"])
         merges = [f"{self._stand_in(a)} {self._stand_in(b)}" for a, b in self.merges]
         merges_txt = "\n".join(["#version: 0.2", *merges, ""])
         write_atomically(folder / "merges.txt", merges_txt.encode("utf-8"))
@@ -323,11 +310,6 @@ class Tokenizer:
     @property
     def eot_id(self):
         return self.special_tokens[EOT]
-
-    # What a tokenizer.json may ask for: NFC first (Qwen), a chunk that is a token taken
-    # whole (Llama 3).
-    nfc = False
-    ignore_merges = False
 
     def encode(self, text):
         """Text -> ids. Special-token names in the text are encoded as text."""
@@ -350,7 +332,6 @@ class Tokenizer:
         return chunks
 
     def _encode_chunk(self, chunk):
-        """Apply the merges to one chunk, the earliest learned first."""
         data = chunk.encode("utf-8")
         if self.ignore_merges and data in self._id_of:
             return [self._id_of[data]]
@@ -358,8 +339,8 @@ class Tokenizer:
         return merge_ranked(symbols, self._ranks, self._merged)
 
     def encode_prompt(self, text):
-        """The ids a model continues: the text's, after the beginning-of-text token where
-        the tokenizer puts one (as AutoTokenizer(folder)(text)); that token for no text."""
+        """The ids a model continues: the text's, after the beginning-of-text token where the
+        tokenizer puts one (as AutoTokenizer(folder)(text) does), or for no text."""
         ids = self.encode(text)
         if self.add_bos or not ids:
             if self.bos_id is None:
@@ -369,8 +350,7 @@ class Tokenizer:
         return ids
 
     def decode_bytes(self, ids):
-        """Ids -> the raw bytes they stand for (possibly cut inside a character).
-        Raises ValueError for an id outside the vocabulary."""
+        """Ids -> their bytes, perhaps cut inside a character. ValueError for a bad id."""
         if bad := [id for id in ids if not 0 <= id < self.vocab_size]:
             raise ValueError(f"token id {bad[0]} is out of range "
                              f"for a vocabulary of {self.vocab_size}")
@@ -381,28 +361,27 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_stream(self, ids):
-        """Yield the text of ids as they come (from a model generating them). A
-        character cut between two tokens (half a Cyrillic letter) waits for its rest."""
+        """Yield the text of ids as a model generates them. A character cut between two
+        tokens (half a Cyrillic letter) waits for its rest."""
         pieces = (self.decode_bytes([id]) for id in ids)
         return codecs.iterdecode(pieces, "utf-8", errors="replace")
 
     def piece(self, id):
-        """A token as a one-line readable string: its text, with \\xd0 for a
-        byte that is only part of a character and \\n for a control character."""
+        """A token as one readable line: \\xd0 for part of a character, \\n for a control."""
         text = self._bytes[id].decode("utf-8", errors="backslashreplace")
         escaped = [c if c.isprintable() else c.encode("unicode_escape").decode() for c in text]
         return "".join(escaped)
 
     def char_counts(self):
-        """For each id, how many characters it adds to decoded text: its bytes that
-        start a UTF-8 character, 0 for special tokens. Loss per character can then
-        compare models whose tokenizers differ."""
+        """The characters each id adds to decoded text (0 for special tokens), so that loss
+        per character compares models whose tokenizers differ."""
         specials = set(self.special_tokens.values())
+        # A UTF-8 character starts with a byte that is not 10xxxxxx.
         counts = [sum((b & 0xC0) != 0x80 for b in token) for token in self._bytes]
         return [0 if id in specials else n for id, n in enumerate(counts)]
 
     def to_dict(self):
-        """The fields of tokenizer.json, which decide every id."""
+        """The fields of our tokenizer.json, which decide every id."""
         pieces = [self._stand_in(id) for id in range(self.vocab_size)]
         return {
             "format": "bpe.py byte-level BPE",
@@ -420,21 +399,19 @@ class Tokenizer:
         # A special token is written as itself.
         return self._bytes[id].decode("utf-8")
 
-    # A tokenizer never changes after it is made, so its fingerprint is computed once.
     @cached_property
     def fingerprint(self):
-        """SHA-256 of the fields (not of the file's bytes): checkpoints store it."""
+        """SHA-256 of the fields (not of the file's bytes), which checkpoints store."""
         return sha256(json.dumps(self.to_dict(), sort_keys=True))
 
     def save(self, path):
-        """Write tokenizer.json (atomically: a temp file, then a rename)."""
-        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
-        write_atomically(path, text.encode("utf-8"))
+        """Write our tokenizer.json, atomically."""
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path):
-        """Read a tokenizer.json written by `save`. Raises FileNotFoundError if it
-        is missing, ValueError if it is not ours, truncated or inconsistent."""
+        """Read a tokenizer.json written by `save`. Raises FileNotFoundError if it is
+        missing, ValueError if it is not ours, truncated or inconsistent."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"no tokenizer at {path}")
         try:
@@ -446,11 +423,8 @@ class Tokenizer:
             raise ValueError(f"{path} is not a tokenizer written by bpe.py")
         try:
             specials = data["special_tokens"]
-            vocab = {
-                int(id): piece_to_bytes(piece)
-                for id, piece in data["id2token"].items()
-                if piece not in specials
-            }
+            pieces = data["id2token"].items()
+            vocab = {int(id): piece_to_bytes(p) for id, p in pieces if p not in specials}
             tok = cls(data["merges"], specials, data["pattern"], vocab)
             if tok.to_dict() == data:
                 return tok
@@ -469,13 +443,12 @@ def isolate(pattern, text):
     return [text[a:b] for a, b in pairwise(cuts) if a < b]
 
 
-# Encoding merges the pair learned earliest, leftmost first, as `merge` does. To scan
-# for it at each merge is quadratic in a long chunk (a 200,000-letter line), so pairs wait
-# in a heap as rank * n + position; a merge pushes the two pairs it makes, and a popped
-# pair that is gone is skipped.
+# Encoding merges the pair learned earliest, leftmost first, as `merge` does. Scanning for it
+# at each merge is quadratic in a long chunk (a 200,000-letter line), so pairs wait in a heap
+# as rank * n + position; a merge pushes the two pairs it makes, and a stale pair is skipped.
 def merge_ranked(symbols, ranks, merged):
     """Merge `symbols` (a str of chr(id)) by rank: ranks maps a pair ("ab") to its rank,
-    merged[rank] is the pair's token. Returns the ids."""
+    merged[rank] is its token. Returns the ids."""
     s = list(symbols)
     n = len(s)
     # A doubly linked list: a merged-away token becomes "" and is stepped over.
@@ -510,9 +483,8 @@ def sha256(text):
 
 
 def write_atomically(path, data):
-    """Write bytes to `path` so that a crash leaves the old file or the new one,
-    never half of one: write a temp file beside it, then rename over. A failure
-    removes the temp file and raises OSError naming `path`."""
+    """Write bytes so that a crash leaves the old file or the new one, never half: a temp
+    file beside it, then a rename. Raises OSError naming `path`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     try:
@@ -524,36 +496,41 @@ def write_atomically(path, data):
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path, data):
+    """Write data as UTF-8 JSON, atomically."""
+    text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+    write_atomically(path, text.encode("utf-8"))
+
+
 # -----------------------------------------------------------------------------
 # 4. Released tokenizers: tokenizer.json, and the other BPE
 #
-# A Hugging Face folder's tokenizer.json: a normalizer, a pre-tokenizer, a BPE, a
-# post-processor, a decoder and special tokens (added_tokens). Its BPE is byte-level
-# (Llama 3, Qwen, GPT-OSS, DeepSeek-V3, SmolLM: a Tokenizer with their split patterns) or
-# SentencePiece's (Llama 2, Mistral, Mixtral, Gemma). Other parts are refused by name: a
-# tokenizer half understood gives wrong ids silently.
+# A Hugging Face tokenizer.json holds a normalizer, a pre-tokenizer, a BPE, a post-processor,
+# a decoder and special tokens (added_tokens). Its BPE is byte-level (Llama 3, Qwen, GPT-OSS,
+# DeepSeek-V3, SmolLM: a Tokenizer with their split patterns) or SentencePiece's (Llama 2,
+# Mistral, Mixtral, Gemma). Any other part is refused by name: a tokenizer half understood
+# gives wrong ids silently.
 SPACE = "\u2581"  # "▁", SentencePiece's space
 BYTE_PIECE = regex.compile(r"<0x([0-9A-F]{2})>")
 
 
 class SentencePieceBPE(Tokenizer):
     """SentencePiece's BPE (Kudo and Richardson, 2018). A space is "▁", merges join
-    characters, a character that no piece holds is its UTF-8 bytes' pieces <0x00>..<0xFF>
-    (byte fallback), and Llama's (not Gemma's) puts "▁" first, which decoding drops:
+    characters, and a character that no piece holds is its UTF-8 bytes' pieces <0x00>..<0xFF>
+    (byte fallback). Llama's (not Gemma's) puts "▁" first, which decoding drops:
 
         pieces ▁ a b ab ▁a ▁ab, merges in order (a, b), (▁, a), (▁, ab):
         "ab ab" -> ▁ab▁ab -> ▁ a b ▁ a b -> ▁ ab ▁ ab -> ▁ab ▁ab
 
     pieces: {piece: id}; merges: [(piece, piece)] by rank; special_tokens: {name: id};
-    prefix: "always" (Llama 2: "▁" before any text), "first" (Metaspace's first and always
-    schemes: "▁" before a text that does not start with one) or None (Gemma);
-    split: cut before each "▁". Raises ValueError without the 256 byte pieces."""
+    prefix: "always" ("▁" before any text, Llama 2), "first" (before a text that lacks one,
+    Metaspace) or None (Gemma); split: cut before each "▁". ValueError without byte pieces."""
 
     def __init__(self, pieces, merges, special_tokens, prefix="always", split=False):
         # Not Tokenizer's: the ids are the pieces', and merges join characters.
         self.special_tokens = special_tokens
         self.prefix = prefix
-        # The folder's beginning- and end-of-text tokens are set by read_tokenizer_json.
+        # read_tokenizer_json sets the beginning- and end-of-text tokens.
         self.bos_id = None
         self.eos_id = None
         self.add_bos = False
@@ -572,8 +549,8 @@ class SentencePieceBPE(Tokenizer):
         self._ranks = {chr(pieces[a]) + chr(pieces[b]): rank for rank, (a, b) in enumerate(merges)}
         self._merged = [chr(pieces[a + b]) for a, b in merges]
         self._cache = {}
-        # Unless a merge makes "x▁" (x not "▁"), and SentencePiece's do not, cutting before
-        # each run of "▁" changes no id: words then repeat, and are encoded once.
+        # Unless a merge makes "x▁" (SentencePiece's do not), cutting before each run of "▁"
+        # changes no id, and a word that repeats is encoded once.
         crossing = any(regex.search(f"[^{SPACE}]{SPACE}", a + b) for a, b in merges)
         self._compiled = []
         if split:
@@ -585,7 +562,7 @@ class SentencePieceBPE(Tokenizer):
         """Spaces as "▁", and the prefix "▁" where this tokenizer puts one."""
         text = text.replace(" ", SPACE)
         lacks = text and not text.startswith(SPACE)
-        if self.prefix == "always" and text or self.prefix == "first" and lacks:
+        if (self.prefix == "always" and text) or (self.prefix == "first" and lacks):
             text = SPACE + text
         return text
 
@@ -593,8 +570,8 @@ class SentencePieceBPE(Tokenizer):
         return merge_ranked(chunk.translate(self._symbols), self._ranks, self._merged)
 
     def decode(self, ids):
-        """Ids -> text, without the text's first space: the "▁" that encoding put first
-        (or, as `tokenizers` decodes it, a space it found there)."""
+        """Ids -> text, without the first space: the "▁" that encoding put first (or, as
+        `tokenizers` decodes it, a space found there)."""
         text = "".join(self.decode_stream(ids))
         if self.prefix:
             text = text.removeprefix(" ")
@@ -638,8 +615,8 @@ def fuse_bytes(run):
 
 
 def read_json(path, missing=None):
-    """The JSON object in a file; `missing` if there is no file and `missing` is given, else
-    FileNotFoundError. ValueError if the file holds no JSON object."""
+    """The JSON object in a file, or `missing` (if given) where there is no file. Raises
+    FileNotFoundError, or ValueError if the file holds no JSON object."""
     if missing is not None and not Path(path).is_file():
         return missing
     try:
@@ -652,7 +629,7 @@ def read_json(path, missing=None):
 
 
 def refuse(path, what, value):
-    """The one-line error for a part of tokenizer.json that bpe.py does not compute."""
+    """The error for a part of tokenizer.json that bpe.py does not compute."""
     return ValueError(f"{path} has a {what} that bpe.py does not compute: "
                       f"{json.dumps(value)[:120]}")
 
@@ -666,16 +643,21 @@ def steps(part):
 
 
 # Plain BPE: no dropout, no word markers.
-PLAIN_BPE = {"type": "BPE", "dropout": None, "continuing_subword_prefix": None,
-             "end_of_word_suffix": None}
+PLAIN_BPE = {
+    "type": "BPE",
+    "dropout": None,
+    "continuing_subword_prefix": None,
+    "end_of_word_suffix": None,
+}
 
 
 def read_tokenizer_json(folder):
-    """A folder's tokenizer.json as a Tokenizer (byte-level) or a SentencePieceBPE, with
-    its beginning- and end-of-text tokens. Raises ValueError naming what it cannot read."""
+    """A folder's tokenizer.json as a Tokenizer (byte-level) or a SentencePieceBPE, with its
+    beginning- and end-of-text tokens. Raises ValueError naming what it cannot read."""
     path = Path(folder) / "tokenizer.json"
     data = read_json(path)
-    if "model" not in data:  # a run's own, perhaps
+    # A run's own.
+    if "model" not in data:
         return Tokenizer.load(path)
     try:
         model = data["model"]
@@ -736,25 +718,31 @@ def split_patterns(path, pre_tokenizer):
     return patterns
 
 
+REPLACE_SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+GEMMA_SPLIT = {
+    "type": "Split",
+    "pattern": {"String": " "},
+    "behavior": "MergedWithPrevious",
+    "invert": False,
+}
+
+
 def sentencepiece_form(path, data):
-    """(prefix, split) of a SentencePiece tokenizer.json in a form of the wild: Llama 2's
-    Prepend + Replace normalizer, transformers 5's Metaspace, or Gemma's Replace."""
+    """(prefix, split) of a SentencePiece tokenizer.json: Llama 2's Prepend + Replace
+    normalizer, transformers 5's Metaspace pre-tokenizer, or Gemma's Replace."""
     normalizer = steps(data.get("normalizer"))
     pre = steps(data.get("pre_tokenizer"))
-    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
-    gemma_split = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
-                   "invert": False}
-    metaspace = {"type": "Metaspace", "replacement": SPACE}
+    metaspace = pre[0] if len(pre) == 1 and pre[0].get("type") == "Metaspace" else {}
     form = None
-    if normalizer == [{"type": "Prepend", "prepend": SPACE}, replace] and not pre:
+    if normalizer == [{"type": "Prepend", "prepend": SPACE}, REPLACE_SPACE] and not pre:
         form = ("always", False)
-    elif normalizer == [replace] and pre in ([], [gemma_split]):
+    elif normalizer == [REPLACE_SPACE] and pre in ([], [GEMMA_SPLIT]):
         form = (None, False)
-    elif not normalizer and len(pre) == 1 and metaspace.items() <= pre[0].items():
+    elif not normalizer and metaspace.get("replacement") == SPACE:
         prefix = "first"
-        if pre[0].get("prepend_scheme") == "never":
+        if metaspace.get("prepend_scheme") == "never":
             prefix = None
-        form = (prefix, pre[0].get("split", True))
+        form = (prefix, metaspace.get("split", True))
     if form is None:
         raise refuse(path, "normalizer and pre-tokenizer", [normalizer, pre])
     decoder = [step.get("type") for step in steps(data.get("decoder"))]
@@ -765,12 +753,12 @@ def sentencepiece_form(path, data):
 
 
 def special_ids(folder, data, specials):
-    """(bos_id, add_bos, eos_id): the token a text starts with, if a prompt gets it (the
-    template, else add_bos_token), and the one that ends it, by name or number."""
+    """(bos_id, add_bos, eos_id): the token a text starts with, whether a prompt gets it (the
+    template's, else add_bos_token), and the token that ends a text, by name or by id."""
     names = read_json(folder / "tokenizer_config.json", missing={})
     ids = read_json(folder / "config.json", missing={})
-    templates = [step for step in steps(data.get("post_processor"))
-                 if step.get("type") == "TemplateProcessing"]
+    post = steps(data.get("post_processor"))
+    templates = [step for step in post if step.get("type") == "TemplateProcessing"]
     bos = None
     add_bos = bool(names.get("add_bos_token"))
     if templates:
@@ -791,42 +779,61 @@ def token_name(token):
 
 
 def write_tokenizer_json(tok, folder):
-    """Write a byte-level Tokenizer as tokenizer.json (ByteLevel pre-tokenizer and decoder,
-    merges by rank, the beginning-of-text token first if we put one) and
+    """Write a byte-level Tokenizer as tokenizer.json (a ByteLevel pre-tokenizer and decoder,
+    a template that puts the beginning-of-text token first if we do) and as
     tokenizer_config.json, which names the special tokens."""
     patterns = [tok.pattern] if isinstance(tok.pattern, str) else tok.pattern
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                  "use_regex": patterns == [GPT2_PATTERN]}
-    splits = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
-              for p in patterns if not byte_level["use_regex"]]
+    byte_level = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": patterns == [GPT2_PATTERN],
+    }
+    split = {"type": "Split", "behavior": "Isolated", "invert": False}
+    splits = [{**split, "pattern": {"Regex": p}} for p in patterns if not byte_level["use_regex"]]
     bos = tok.piece(tok.bos_id)
-    template = [{"SpecialToken": {"id": bos, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}}]
-    post_processor = {"type": "TemplateProcessing", "single": template, "pair": template,
-                      "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+    template = [
+        {"SpecialToken": {"id": bos, "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}},
+    ]
+    post_processor = {
+        "type": "TemplateProcessing",
+        "single": template,
+        "pair": template,
+        "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
+    }
     flags = dict.fromkeys(["single_word", "lstrip", "rstrip", "normalized"], False)
+    added = [{"id": id, "content": name, "special": True, **flags}
+             for name, id in tok.special_tokens.items()]
+    model = {
+        **PLAIN_BPE,
+        "unk_token": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": False,
+        "vocab": tok.to_dict()["token2id"],
+        "merges": [[tok._stand_in(a), tok._stand_in(b)] for a, b in tok.merges],
+    }
     data = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [{"id": id, "content": name, "special": True, **flags}
-                         for name, id in tok.special_tokens.items()],
+        "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*splits, byte_level]},
         "post_processor": post_processor if tok.add_bos else None,
         "decoder": byte_level,
-        "model": {**PLAIN_BPE, "unk_token": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": tok.to_dict()["token2id"],
-                  "merges": [[tok._stand_in(a), tok._stand_in(b)] for a, b in tok.merges]},
+        "model": model,
     }
+    write_json(Path(folder) / "tokenizer.json", data)
     # split_special_tokens: in transformers too, the text "<|endoftext|>" is text.
-    names = {"tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": True,
-             "bos_token": bos, "eos_token": tok.piece(tok.eos_id)}
-    for name, content in (("tokenizer.json", data), ("tokenizer_config.json", names)):
-        text = json.dumps(content, ensure_ascii=False, indent=1) + "\n"
-        write_atomically(Path(folder) / name, text.encode("utf-8"))
-
-
+    names = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "split_special_tokens": True,
+        "bos_token": bos,
+        "eos_token": tok.piece(tok.eos_id),
+    }
+    write_json(Path(folder) / "tokenizer_config.json", names)
 # -----------------------------------------------------------------------------
 # 5. The corpus
 
@@ -837,11 +844,9 @@ def default_data_dir():
 
 
 def read_text(path):
-    """Read one UTF-8 text file, without a leading byte order mark (Notepad writes
-    one), CRLF made LF. Raises FileNotFoundError, or ValueError if it is not UTF-8
-    or is empty."""
+    """One UTF-8 text file, without the byte order mark that Notepad writes, CRLF made LF.
+    Raises FileNotFoundError, or ValueError if it is not UTF-8 or is empty."""
     try:
-        # "utf-8-sig" drops a leading byte order mark.
         text = Path(path).read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
@@ -867,10 +872,8 @@ def download_corpus(folder):
 
 
 def read_corpus(data):
-    """Return [(file name, text)] of the corpus `data`: one UTF-8 text file, or each
-    .txt (any case) in a folder (a novel each, see data/), by name. A text already read
-    under another name is skipped (one novel is in the corpus twice). The default
-    folder, if missing, is downloaded first."""
+    """[(file name, text)] of the corpus: one UTF-8 file, or each .txt of a folder by name,
+    without repeats (one novel is in the corpus twice). The default folder is downloaded."""
     data = Path(data)
     if data == Path(default_data_dir()) and not data.exists():
         download_corpus(data)
@@ -882,7 +885,6 @@ def read_corpus(data):
         raise FileNotFoundError(f"no corpus at {data} (no .txt file): download it with "
                                 f"`python data/download.py`, or pass --data DIR or FILE "
                                 f"(or set CORPUS_DIR) to point at a local copy")
-    # text -> the first file that holds it
     first_name = {}
     for path in paths:
         first_name.setdefault(read_text(path), path.name)
@@ -890,12 +892,9 @@ def read_corpus(data):
 
 
 def split_corpus(docs):
-    """Split docs into (train docs, validation docs).
-
-    Novels split whole, so that validation text is unseen: ordered by the SHA-256
-    of their names, the first 5% (at least one) validate. Listing order then does
-    not matter, and a new novel moves no other across the split. One text splits
-    by position (see split_text)."""
+    """(train docs, validation docs). Novels split whole, so that validation text is unseen:
+    ordered by the SHA-256 of their names, the first 5% (at least one) validate, so that a
+    new novel moves no other across the split. One text splits by position (split_text)."""
     if len(docs) == 1:
         train, val = split_text(*docs[0])
         return [train], [val]
@@ -905,9 +904,9 @@ def split_corpus(docs):
 
 
 def split_text(name, text):
-    """Split one text as nanoGPT splits its Shakespeare, about 10% validating: at the
-    start of a line in the 2% of the text before the 90% mark, else at a sentence end
-    there, else a space, else the mark. Raises ValueError if a part would be blank."""
+    """Split one text as nanoGPT splits its Shakespeare, the last 10% validating: at a line
+    start in the 2% before the 90% mark, else at a sentence end or a space there, else at the
+    mark. Raises ValueError if a part would be blank."""
     at = len(text) * 9 // 10
     start = at - len(text) // 50
     cut = at
@@ -924,10 +923,9 @@ def split_text(name, text):
 
 
 def prepare_corpus(data, out_dir, vocab_size=None, log=print, resume=False):
-    """Make what a model file needs from the corpus, once, cached in out_dir:
-    tokenizer.json (see run_tokenizer) and {train,val}.bin, each split's ids as
-    little-endian uint16, <|endoftext|> before each document.
-    Returns (tokenizer, train path, val path)."""
+    """Make, once, what a model file needs in out_dir: tokenizer.json (run_tokenizer) and
+    {train,val}.bin, each split's ids as little-endian uint16, <|endoftext|> before each
+    document. Returns (tokenizer, train path, val path)."""
     docs = read_corpus(data)
     train_docs, val_docs = split_corpus(docs)
     val_names = ", ".join(name for name, _ in val_docs)
@@ -939,9 +937,9 @@ def prepare_corpus(data, out_dir, vocab_size=None, log=print, resume=False):
 
 
 def run_tokenizer(texts, out_dir, vocab_size, log, resume):
-    """Return out_dir's tokenizer.json if vocab_size is None (a released model's) or
-    if it was trained here on `texts` for vocab_size (as tokenizer.source.json says);
-    else a new one, unless resuming: the run's checkpoint needs the old one."""
+    """out_dir's tokenizer.json if vocab_size is None (a released model's) or if
+    tokenizer.source.json says it was trained on `texts` for vocab_size; else a new one,
+    unless resuming: the run's checkpoint needs the old one."""
     tok_path = Path(out_dir, "tokenizer.json")
     source_path = Path(out_dir, "tokenizer.source.json")
     if vocab_size is None:
@@ -969,8 +967,7 @@ def run_tokenizer(texts, out_dir, vocab_size, log, resume):
 
 
 def encode_corpus(tok, docs, path, log=print):
-    """Write the docs' ids to `path`, unless it already holds exactly them (a
-    small `.json` beside it records what the array was made from)."""
+    """Write the docs' ids to `path`, unless the `.json` beside it says it holds them."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     identity = {
@@ -994,8 +991,7 @@ def encode_corpus(tok, docs, path, log=print):
     if sys.byteorder == "big":
         ids.byteswap()
     write_atomically(path, ids.tobytes())
-    made = {**identity, "bytes": 2 * len(ids)}
-    write_atomically(meta_path, json.dumps(made, indent=1).encode("utf-8"))
+    write_json(meta_path, {**identity, "bytes": 2 * len(ids)})
     seconds = time.time() - start
     log(f"encoded {len(docs)} documents into {path}: "
         f"{len(ids):,} tokens in {seconds:.1f}s")
@@ -1009,9 +1005,8 @@ _job = None
 
 
 def parallel_map(fn, texts):
-    """Yield fn(text) for each text of a list, in order. For large inputs, the work
-    runs in one forked worker per core this process may use; a worker inherits `fn`,
-    so a closure will do."""
+    """Yield fn(text) for each text of a list, in order; a large input in a forked worker
+    per core, which inherits `fn` (so a closure will do)."""
     global _job
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))
@@ -1112,7 +1107,7 @@ def main(argv=None):
     encode.set_defaults(run=cmd_encode)
     decode.set_defaults(run=cmd_decode)
     args = parser.parse_args(argv)
-    # Write UTF-8 whatever the console's code page, as Python's UTF-8 mode does.
+    # UTF-8 whatever the console's code page, as in Python's UTF-8 mode.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:

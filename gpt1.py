@@ -146,8 +146,7 @@ class Block(nn.Module):
 
 
 def check_sampling(temperature, top_k, top_p):
-    """Raise ValueError for a temperature that is NaN, infinite or negative, or a top_k or
-    top_p out of range."""
+    """Raise ValueError for a temperature, top_k or top_p out of range."""
     check(0 <= temperature < math.inf,
           f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
@@ -155,12 +154,9 @@ def check_sampling(temperature, top_k, top_p):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0
-    (and near 0), else drawn by softmax(logits / temperature) among the top_k likeliest, and
-    of those the fewest that hold top_p of the probability.
-
-    Raises ValueError as check_sampling does.
-    """
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0,
+    else drawn from softmax(logits / temperature) among the top_k likeliest and, of those,
+    the fewest holding top_p of the probability."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -246,29 +242,29 @@ class GPT(nn.Module):
 
 
 def load_tokens(path):
-    """A .bin file of bpe.prepare_corpus as a 1-D uint16 tensor, 2 bytes a token."""
+    """bpe.prepare_corpus's .bin file as a 1-D uint16 tensor."""
     return torch.from_file(str(path), dtype=torch.uint16, size=Path(path).stat().st_size // 2)
 
 
 def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
-    """Random windows: inputs x (B, block_size) and targets y, x shifted one token ahead.
-    Every process draws all processes' starts and keeps its share: one generator state."""
-    n_starts = world_size * batch_size
-    starts = torch.randint(len(tokens) - block_size, (n_starts,), generator=generator)
-    ours = starts[rank * batch_size : (rank + 1) * batch_size]  # (B,)
+    """Random windows x (B, block_size) and targets y, one token on. Each process keeps its
+    share of all starts, so the generators stay in step."""
+    starts = torch.randint(len(tokens) - block_size, (world_size, batch_size),
+                           generator=generator)
+    ours = starts[rank]  # (B,)
     offsets = torch.arange(block_size + 1)  # (block_size + 1,)
     window = tokens[ours[:, None] + offsets].long()  # (B, block_size + 1)
     return window[:, :-1], window[:, 1:]
 
 
 def sequential_batches(tokens, batch_size, block_size):
-    """(x, y) as get_batch's, predicting every token once, in order: windows overlapping by one."""
-    n_full = (len(tokens) - 1) // block_size
-    x = tokens[: n_full * block_size].long().view(n_full, block_size)
-    y = tokens[1 : n_full * block_size + 1].long().view(n_full, block_size)
-    for first in range(0, n_full, batch_size):
+    """get_batch's (x, y), predicting every token once, in order."""
+    end = (len(tokens) - 1) // block_size * block_size  # of the full windows
+    x = tokens[:end].long().view(-1, block_size)
+    y = tokens[1 : end + 1].long().view(-1, block_size)
+    for first in range(0, len(x), batch_size):
         yield x[first : first + batch_size], y[first : first + batch_size]
-    rest = tokens[n_full * block_size :].long()
+    rest = tokens[end:].long()
     if len(rest) > 1:
         yield rest[None, :-1], rest[None, 1:]
 
@@ -276,7 +272,7 @@ def sequential_batches(tokens, batch_size, block_size):
 # -----------------------------------------------------------------------------
 # Training
 
-# Under torchrun, this process's rank and the number of processes (DDP); else 0 and 1.
+# Set by torchrun (DDP).
 RANK = int(os.environ.get("RANK", 0))
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 
@@ -291,27 +287,25 @@ def duration(text):
 
 @dataclass
 class TrainConfig:
-    """How to train: data, optimisation, schedule, bookkeeping."""
+    """How to train."""
 
     data: str = field(default_factory=bpe.default_data_dir,
                       metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
     out_dir: str = arg(f"checkpoints/{MODEL}",
                        "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
-    lr: float = arg(3e-3, "peak learning rate, reached at the end of warmup")
+    lr: float = arg(3e-3, "peak learning rate, after warmup")
     warmup_iters: int = arg(200, "steps of linear warmup")
     max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
-    weight_decay: float = arg(0.1, "AdamW's decoupled weight decay, on weight matrices only")
-    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    weight_decay: float = arg(0.1, "AdamW's weight decay, on weight matrices only")
+    grad_clip: float = arg(1.0, "clip gradients to this global norm (0: off)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
-    eval_iters: int = arg(10, "batches per split in each evaluation")
-    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h "
-                                 "(see get_lr)", type=duration)
+    eval_iters: int = arg(10, "batches per split per evaluation")
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h",
+                                 type=duration)
     seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: the accelerator if any, "
-                      "else cpu)")
-    dtype: str = arg("auto", "matmul precision: bfloat16, float32 or auto (bfloat16 where "
-                     "the hardware has it)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: an accelerator, else cpu)")
+    dtype: str = arg("auto", "bfloat16 or float32 matmuls (auto: bfloat16 where supported)")
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue the run in out_dir")
 
@@ -331,26 +325,21 @@ class TrainConfig:
 
 
 def configure_optimizer(model, cfg, device):
-    """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas (0.9, 0.95), decaying
-    only the weight matrices: pulling biases and norm gains to zero fights their purpose."""
+    """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas, decaying only weight
+    matrices: biases and norm gains should not shrink."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     groups = [
         {"params": matrices, "weight_decay": cfg.weight_decay},
         {"params": others, "weight_decay": 0.0},
     ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def get_lr(step, cfg, elapsed=0.0):
     """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to
-    cfg.lr / 10 at max_iters.
-
-    Under a time budget the warmup still counts steps, and the decay ends at step / elapsed *
-    max_time (elapsed: seconds trained, > 0): the steps that the budget allows at the rate so
-    far. A budget shorter than the warmup ends in it.
-    """
+    cfg.lr / 10 at max_iters, or where the time budget ends at the pace so far."""
     max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
@@ -361,8 +350,8 @@ def get_lr(step, cfg, elapsed=0.0):
 
 
 def train_step(model, optimizer, x, y, grad_clip, autocast):
-    """One optimizer step on the batch x, y (B, T); under DDP, backward() averages the
-    gradients over processes. Returns the loss, on the device."""
+    """One optimizer step on x, y (B, T); returns the loss, on the device. DDP's backward()
+    averages the gradients."""
     with autocast:
         _, loss = model(x, y)
     loss.backward()
@@ -375,9 +364,8 @@ def train_step(model, optimizer, x, y, grad_clip, autocast):
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character, nats / ln 2 / characters of the
-    targets' text (char_counts (vocab_size,)), over batches of (x, y) and processes; leaves
-    the model training."""
+    """Mean loss per token (nats) and bits per character over batches of (x, y) and
+    processes; char_counts (vocab_size,): each token's characters."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
     for x, y in batches:
@@ -399,17 +387,16 @@ def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
 class Run:
     """A run in training, as its checkpoint keeps it."""
 
-    model: nn.Module  # the plain model, not compiled or wrapped
+    model: nn.Module  # not compiled or wrapped
     optimizer: torch.optim.Optimizer
     tok: bpe.Tokenizer
     batches: torch.Generator  # draws the training batches
     step: int = 0
-    elapsed: float = 0.0  # seconds trained, earlier sessions included
+    elapsed: float = 0.0  # seconds trained, in all sessions
 
 
 def save_checkpoint(path, run, max_time=None):
     """Write all that --resume needs, atomically, as plain data."""
-    rng = {"torch": torch.get_rng_state(), "batches": run.batches.get_state()}
     checkpoint = {
         "model": MODEL,
         "config": asdict(run.model.config),
@@ -419,7 +406,7 @@ def save_checkpoint(path, run, max_time=None):
         "optimizer": run.optimizer.state_dict(),
         "elapsed": run.elapsed,
         "max_time": max_time,
-        "rng": rng,
+        "rng": {"torch": torch.get_rng_state(), "batches": run.batches.get_state()},
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -429,12 +416,11 @@ def save_checkpoint(path, run, max_time=None):
 
 
 def load_checkpoint(path):
-    """The run at path (ckpt.pt, tokenizer.json beside it): GPT, tokenizer, checkpoint dict.
-    Refused in one sentence if missing, unreadable, incomplete, or of another model or
-    tokenizer."""
+    """The model, tokenizer and checkpoint dict of the run at path (ckpt.pt, tokenizer.json
+    beside it), or a one-sentence ValueError."""
     check(path.is_file(),
           f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
-    # Tensors and plain data only (weights_only): no code runs from the file.
+    # Plain data only: no code runs from the file.
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a truncated zip, a foreign pickle, ...
@@ -452,13 +438,13 @@ def load_checkpoint(path):
         model.load_state_dict(checkpoint["weights"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
-    finite = all(p.isfinite().all() for p in model.parameters())
-    check(finite, f"{path} holds NaN or inf weights: its run diverged")
+    check(all(p.isfinite().all() for p in model.parameters()),
+          f"{path} holds NaN or inf weights: its run diverged")
     return model, tok, checkpoint
 
 
 def restore(run, checkpoint, path):
-    """Continue run from a checkpoint of the same shape."""
+    """Continue run from its checkpoint."""
     ours = asdict(run.model.config)
     theirs = checkpoint["config"]
     differ = ", ".join(name for name in ours if theirs.get(name) != ours[name])
@@ -472,7 +458,7 @@ def restore(run, checkpoint, path):
 
 
 def pick_device(name, local_rank=0):
-    """torch.device for --device; auto: the accelerator (CUDA, MPS, ...) if any, else cpu."""
+    """torch.device for --device."""
     kinds = ["cpu"]
     if torch.accelerator.is_available():
         kinds.append(torch.accelerator.current_accelerator().type)
@@ -485,7 +471,7 @@ def pick_device(name, local_rank=0):
 
 
 def use_bfloat16(device, dtype):
-    """Whether to train with bfloat16 matmuls: asked for, or where the hardware has them."""
+    """Whether to use bfloat16 matmuls."""
     if dtype != "auto":
         return dtype == "bfloat16"
     if device.type == "cuda":
@@ -505,19 +491,19 @@ def ctrl_c_stops():
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    previous = signal.signal(signal.SIGINT, request_stop)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        signal.signal(signal.SIGINT, previous)
 
 
 def prepare_data(config, cfg, log):
-    """The run's tokenizer and token arrays, and config with the tokenizer's vocab_size."""
+    """The run's tokenizer, token arrays, and config with the tokenizer's vocab_size."""
     if RANK != 0:
         dist.barrier()
     vocab_size = config.vocab_size
-    # Ours is trained, or kept if made here from this text for this size (bpe.run_tokenizer).
+    # bpe.run_tokenizer reuses one made here for this text and size.
     tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log,
                                                    resume=cfg.resume)
     if WORLD_SIZE > 1 and RANK == 0:
@@ -532,8 +518,8 @@ def prepare_data(config, cfg, log):
 
 
 def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
-    """Evaluate both splits on the same batches each time, so that the numbers compare, and
-    log them; then (process 0) save the checkpoint and append a row to log.csv."""
+    """Evaluate both splits on the same batches each time, for comparable numbers, and log;
+    process 0 saves the checkpoint and a log.csv row."""
     block_size = run.model.config.block_size
     char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
     losses = []
@@ -551,7 +537,7 @@ def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
               f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
               f"elapsed {timedelta(seconds=round(run.elapsed))} | "
               f"ETA {timedelta(seconds=round(max(0, eta)))}")
-    # A finite loss can come from weights that the step's update made NaN: no save then.
+    # The last update may have made the weights NaN: then no save.
     check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
     if RANK == 0:
         save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
@@ -561,12 +547,12 @@ def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
 
 
 def train_loop(run, model, splits, cfg, autocast, log):
-    """Train run.model through model (itself, compiled or wrapped) until max_iters, the time
-    budget or Ctrl-C, evaluating and saving every eval_interval steps."""
+    """Train run.model through model (compiled or wrapped) until max_iters, the time budget
+    or Ctrl-C."""
     block_size = run.model.config.block_size
     device = run.model.lm_head.weight.device
     first_step = run.step
-    elapsed_before = run.elapsed  # seconds trained before this session
+    elapsed_before = run.elapsed
     start = time.time()
     budget = cfg.max_time or math.inf
     stopping = elapsed_before >= budget  # a budget spent already
@@ -584,14 +570,14 @@ def train_loop(run, model, splits, cfg, autocast, log):
             tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
             elapsed = elapsed_before + time.time() - start
             stopping = bool(stop) or elapsed > budget
-            # One process's stop or NaN stops all: the rest would wait for its gradients forever.
-            # The sum keeps a NaN or inf; process 0's clock sets every process's lr.
-            status = [stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)]
-            status = torch.tensor(status, device=device)
+            # One process's stop or NaN (a sum keeps it) stops all, lest the rest wait forever.
+            # Process 0's clock sets the lr.
+            status = torch.tensor([stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)],
+                                  device=device)
             if WORLD_SIZE > 1:
                 dist.all_reduce(status)
             stopping, loss, run.elapsed = status.tolist()
-            # From NaN or inf there is no way back; the last checkpoint stays.
+            # No way back from NaN or inf: the last checkpoint stays.
             check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
             if run.step == first_step + 1 or run.step % 10 == 0:
                 progress = f"{run.step}/{cfg.max_iters}"
@@ -607,10 +593,9 @@ def train_loop(run, model, splits, cfg, autocast, log):
 
 
 def train(config, cfg):
-    """Train a GPT of shape `config` on cfg.data into cfg.out_dir; under torchrun, one
-    process per device (DDP)."""
+    """Train a GPT of shape `config` on cfg.data into cfg.out_dir; DDP under torchrun."""
     device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    # All the run makes goes into out_dir: one we cannot write fails now, not after the BPE.
+    # An out_dir we cannot write fails now, not after the BPE.
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=cfg.out_dir).close()
     log = print if RANK == 0 else lambda *args: None
@@ -629,16 +614,15 @@ def train(config, cfg):
     run = Run(raw_model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
     if checkpoint:
         restore(run, checkpoint, ckpt_path)
-        # The run keeps its time budget, unless given a new one.
+        # The run's time budget, unless given a new one.
         cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
         log(f"resuming from {ckpt_path} at step {run.step}")
     if not checkpoint and RANK == 0:
         columns = "step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s"
         (Path(cfg.out_dir) / "log.csv").write_text(columns + "\n")
     bfloat16 = use_bfloat16(device, cfg.dtype)
-    # bfloat16 matmuls; the rest stays float32.
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
-    # What the loop calls; run.model stays the plain GPT, as checkpoints keep it.
+    # run.model stays plain, as checkpoints keep it.
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if WORLD_SIZE > 1:
         model = DistributedDataParallel(model)
@@ -648,7 +632,7 @@ def train(config, cfg):
     try:
         stopped = train_loop(run, model, splits, cfg, autocast, log)
         if WORLD_SIZE > 1:
-            # Every process done before the group goes: one leaving early can abort another.
+            # One process leaving the group early can abort another.
             dist.barrier()
     finally:
         if WORLD_SIZE > 1:
@@ -672,7 +656,7 @@ def load_trained(out_dir, device):
 
 def cmd_sample(args):
     """`sample`: stream generated text to stdout, the speed to stderr."""
-    # Bad flags fail before the model loads and the prompt is printed.
+    # Bad flags fail before the model loads.
     check(args.max_new_tokens >= 0,
           f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
@@ -691,7 +675,6 @@ def cmd_sample(args):
     start = time.time()
 
     def new_ids():
-        """The sampled ids, up to the end of the text."""
         nonlocal n_tokens
         for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
                                   args.top_p):
@@ -713,7 +696,7 @@ def cmd_sample(args):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported like every other bad input: one line, exit 1."""
+    """argparse, reporting a bad flag like any bad input: one line, exit 1."""
 
     def error(self, message):
         self.exit(1, f"error: {message} (see {self.prog} --help)\n")
@@ -738,27 +721,24 @@ def add_fields(parser, config_class, *names):
 
 
 def cmd_train(args):
-    """`train`: the flags become a GPTConfig and a TrainConfig."""
     config = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     train(config, cfg)
 
 
 def cmd_eval(args):
-    """`eval`: loss and bits per character on the run's validation split, another corpus's,
-    or a file."""
+    """`eval`: loss and bits per character on a validation split or a file."""
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, tok = load_trained(args.out_dir, device)
     if args.text:
         what = args.text
-        # As in the .bin files: <|endoftext|> (or the folder's own) before the text.
+        # The end-of-text token first, as in the .bin files.
         tokens = torch.tensor(tok.encode_prompt(bpe.read_text(args.text)))
-    elif args.data:  # a corpus's validation split, encoded with this tokenizer
+    elif args.data:  # with this tokenizer
         what = f"validation split of {args.data}"
         docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
-        ids = [id for _, text in docs for id in tok.encode_prompt(text)]
-        tokens = torch.tensor(ids)
+        tokens = torch.tensor([id for _, text in docs for id in tok.encode_prompt(text)])
     else:  # the run's own, as train encoded it
         what = f"validation split of {args.out_dir}"
         tokens = load_tokens(Path(args.out_dir) / "val.bin")
@@ -775,7 +755,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, run, *run_fields):
-        # No abbreviations: a typo is an error, never another flag (--max-iter).
+        # No abbreviations: a typo is an error, not another flag (--max-iter).
         sub = commands.add_parser(name, help=help, allow_abbrev=False,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(run=run)
@@ -784,10 +764,10 @@ def build_parser():
 
     add_fields(command("train", "train a model", cmd_train), GPTConfig)
     sample = command("sample", "generate text", cmd_sample, "out_dir", "seed", "device")
-    sample.add_argument("--prompt", help="the start of the text to write (None: a blank page)")
-    sample.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
+    sample.add_argument("--prompt", help="the text to continue (None: a blank page)")
+    sample.add_argument("--prompt-file", help="the prompt, from this UTF-8 file")
     sample.add_argument("--max-new-tokens", type=int, default=500,
-                        help="tokens to generate per sample")
+                        help="tokens to generate")
     sample.add_argument("--temperature", type=float, default=0.8,
                         help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
@@ -797,16 +777,15 @@ def build_parser():
                         "batch_size", "device")
     eval_args.add_argument("--data",
                            help="score this corpus's validation split (None: the run's own)")
-    eval_args.add_argument("--text", help="score this UTF-8 file, not a validation split")
+    eval_args.add_argument("--text", help="score this UTF-8 file instead")
     return parser
 
 
 def dialogue_prompt(argv):
-    """argv with `--prompt -Да` as `--prompt=-Да`: argparse takes a word after one dash for
-    a flag (ours have two, but -h), and a line of dialogue starts with one."""
+    """argv with `--prompt -Да` as `--prompt=-Да`: a line of dialogue starts with a dash,
+    which argparse reads as a flag."""
     argv = list(argv)
-    for i in range(len(argv) - 1):
-        value = argv[i + 1]
+    for i, value in enumerate(argv[1:]):
         one_dash = value.startswith("-") and not value.startswith("--")
         if argv[i] == "--prompt" and one_dash and value != "-h":
             argv[i : i + 2] = [f"--prompt={value}"]
@@ -819,7 +798,7 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser().parse_args(dialogue_prompt(argv))
-    # UTF-8 whatever the console's code page, as in Python's UTF-8 mode.
+    # UTF-8 whatever the console's code page.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
@@ -832,7 +811,7 @@ def main(argv=None):
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except (RuntimeError, MemoryError) as e:
-        # CUDA's and MPS's torch.OutOfMemoryError is a RuntimeError; the CPU's, a plain one.
+        # CUDA's and MPS's OutOfMemoryError is a RuntimeError; the CPU's, a plain one.
         oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
         if not oom and "can't allocate memory" not in str(e):
             raise
