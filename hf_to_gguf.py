@@ -11,9 +11,10 @@ writer, its metadata keys and its map from Hugging Face's tensor names to llama.
     llama-cli -m llama.gguf -p "Мой дядя"
 
 Architectures: gpt2 (gpt2.py), llama (llama.py and mistral.py, and mixtral.py, which
-llama.cpp runs as llama with experts), gemma (gemma.py). Where llama.cpp would compute
-another model than ours, the folder is refused, never written. Within the context, that is:
-past it, llama.cpp attends to every key, where our models crop or slide their window.
+llama.cpp runs as llama with experts), gemma (gemma.py) and qwen3 (qwen3.py). Where llama.cpp
+would compute another model than ours, the folder is refused, never written. Within the
+context, that is: past it, llama.cpp attends to every key, where our models crop or slide
+their window.
 """
 
 import argparse
@@ -33,8 +34,14 @@ except ImportError:
     gguf = None
 
 # config.json's model_type: llama.cpp's architecture.
-ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "mixtral": "llama",
-                 "gemma": "gemma"}
+ARCHITECTURES = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "gemma": "gemma",
+    "qwen3": "qwen3",
+}
 # GPT-2's Conv1D weights are (in, out); llama.cpp's, as nn.Linear's, (out, in).
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 DTYPES = ("f32", "f16", "bf16")
@@ -137,7 +144,8 @@ def permute_for_rope(weight, n_head):
 def llama_cpp_tensors(arch, config, weights):
     """(Hugging Face name, tensor) in llama.cpp's layout: GPT-2's Conv1D transposed; for
     llama, q and k permuted and each layer's experts stacked into one tensor; for Gemma,
-    RMSNorm's 1 + w as w (llama.cpp's Gemma norm multiplies by the stored weight)."""
+    RMSNorm's 1 + w as w (llama.cpp's Gemma norm multiplies by the stored weight). Qwen3's
+    are as they are: llama.cpp's qwen3 turns RoPE's halves, as transformers does."""
     experts = {}
     for name, weight in weights.items():
         if arch == "gpt2" and name.endswith(CONV1D):

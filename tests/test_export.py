@@ -14,7 +14,7 @@ import bpe
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM"}
+            "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 PROMPT = "Мой дядя самых честных правил"
 
 

@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 import hf_to_gguf  # noqa: E402
 
 SHAPE = dict(block_size=64, n_layer=2, n_head=4, n_embd=32, sliding_window=64)  # a window as long as the context
-MODELS = ["gpt2", "llama", "mistral", "mixtral", "gemma"]
+MODELS = ["gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3"]
 PROMPT = "Мой дядя самых честных правил"
 
 
@@ -41,7 +41,7 @@ def test_the_file_holds_what_llama_cpp_reads(converted, tok):
     model, path = converted
     reader = gguf.GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    assert arch == {"GPT": "gpt2", "Gemma": "gemma"}.get(type(model).__name__, "llama")
+    assert arch == {"GPT": "gpt2", "Gemma": "gemma", "Qwen3": "qwen3"}.get(type(model).__name__, "llama")
     tokens = reader.fields["tokenizer.ggml.tokens"]
     assert [bytes(tokens.parts[i]).decode() for i in tokens.data] == [tok.to_dict()["id2token"][str(i)]
                                                                        for i in range(tok.vocab_size)]
@@ -50,6 +50,8 @@ def test_the_file_holds_what_llama_cpp_reads(converted, tok):
     assert "token_embd.weight" in names and "blk.1.attn_norm.weight" in names
     if type(model).__name__ == "Mixtral":
         assert "blk.0.ffn_gate_exps.weight" in names
+    if type(model).__name__ == "Qwen3":
+        assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
 
 
 def test_llama_cpp_tokenizes_and_generates_as_we_do(converted, tok):

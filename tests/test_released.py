@@ -12,6 +12,7 @@ from conftest import one_line_error, run_main
 from test_gemma import hf_gemma
 from test_llama import LLAMA3_ROPE, hf_llama
 from test_mixtral import hf_mixtral
+from test_qwen3 import hf_qwen3
 
 import bpe
 
@@ -39,6 +40,7 @@ RELEASED = {
     "mistral": ("mistral", "metaspace", hf_llama, dict(family="Mistral", sliding_window=None)),
     "mixtral": ("mixtral", "llama2", hf_mixtral, dict(sliding_window=None)),
     "gemma": ("gemma", "gemma", hf_gemma, {}),
+    "qwen3": ("qwen3", "qwen", hf_qwen3, dict(tie_word_embeddings=True)),
 }
 PROMPT = "Мой дядя самых честных правил, hello 2024"
 

@@ -1,0 +1,148 @@
+"""What only qwen3.py has: QK-norm, a head size apart from the width, Qwen3's defaults, and
+Hugging Face's Qwen3ForCausalLM as the reference (loaded with --init-from).
+What every model file must do is tested in test_models.py."""
+
+import json
+
+import pytest
+import torch
+from conftest import randomize, run_main
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_llama import assert_init_from_refuses, edit_config
+
+import qwen3
+from qwen3 import Qwen3, Qwen3Config
+
+
+def tiny(**kwargs):
+    """n_head * head_size (24) is not n_embd (16)."""
+    return Qwen3Config(**{**dict(vocab_size=40, block_size=12, n_layer=2, n_head=4, n_embd=16, head_size=6,
+                                 n_kv_head=2, multiple_of=8), **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(n_embd=24, n_head=8, n_kv_head=4), "even"),  # head_size n_embd // n_head = 3
+    (dict(head_size=5), "even"),
+    (dict(head_size=0), "head_size"),
+    (dict(n_embd=30, n_head=8, n_kv_head=4), "n_embd"),  # no head_size: the width split among the heads
+])
+def test_config_rejects_impossible_values(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        Qwen3Config(**kwargs)
+
+
+def test_config_defaults_are_qwen3s():
+    config = Qwen3Config()
+    assert config.rope_theta == 1e6 and config.head_size == config.n_embd // config.n_head
+    assert not config.tie_embeddings  # the same shape as llama.py's; --tie-embeddings for Qwen3's small ones
+    assert Qwen3Config(n_embd=30, n_head=8, n_kv_head=4, head_size=4).head_size == 4  # n_embd need not divide
+    model = Qwen3(tiny())
+    assert not any("bias" in name for name in model.state_dict())
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (24, 16) and attn.o_proj.weight.shape == (16, 24)
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (6,)  # one gain per feature of a head
+
+
+def logits_after_scaling(name, factor, seed, qk_norm=True):
+    """The logits of a random model before and after its q_proj (or k_proj) weights are scaled."""
+    model = randomize(Qwen3(tiny(norm_eps=1e-30)).double(), std=0.5, seed=seed)
+    for block in model.model.layers:
+        if not qk_norm:
+            block.self_attn.q_norm = block.self_attn.k_norm = torch.nn.Identity()
+    idx = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(seed))
+    before = model(idx)[0]
+    with torch.no_grad():
+        for block in model.model.layers:
+            getattr(block.self_attn, name).weight.mul_(factor)
+    return before, model(idx)[0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(["q_proj", "k_proj"]), factor=st.floats(0.05, 20.0), seed=st.integers(0, 100))
+def test_qk_norm_makes_the_logits_blind_to_the_scale_of_queries_and_keys(name, factor, seed):
+    """Scaling q_proj (or k_proj) by any positive factor changes no logit; without the norm it does."""
+    before, after = logits_after_scaling(name, factor, seed)
+    # RMSNorm computes in float32: equal to its rounding.
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+    before, after = logits_after_scaling(name, 3.0, seed, qk_norm=False)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_head=st.integers(1, 4), group=st.sampled_from([1, 2]), half_head=st.integers(1, 5),
+       n_embd=st.integers(1, 24), length=st.integers(2, 20), seed=st.integers(0, 100))
+def test_any_head_size_caches_and_generates_as_the_full_forward(n_head, group, half_head, n_embd, length, seed):
+    """Past the context of 8 too: greedy tokens with the cache, without it, and from full forwards agree."""
+    config = tiny(n_head=n_head * group, n_kv_head=n_head, head_size=2 * half_head, n_embd=n_embd, block_size=8)
+    model = randomize(Qwen3(config).double(), std=0.5, seed=seed)
+    prompt = torch.randint(0, 40, (2, min(length, 8)), generator=torch.Generator().manual_seed(seed))
+    cache = qwen3.KVCache(config, 2, "cpu", torch.float64)
+    pieces = [model(prompt[:, :1], kv_cache=cache)[0], model(prompt[:, 1:], kv_cache=cache)[0]]
+    assert torch.allclose(torch.cat(pieces, dim=1), model(prompt)[0], atol=1e-10)
+    out = model.generate(prompt, length, temperature=0)
+    assert torch.equal(model.generate(prompt, length, temperature=0, use_cache=False), out)
+    for t in range(prompt.size(1), out.size(1)):
+        assert torch.equal(out[:, t], model(out[:, max(0, t - 8) : t])[0][:, -1].argmax(-1))
+
+
+def hf_qwen3(folder, seed=0, **kwargs):
+    """A random small transformers Qwen3ForCausalLM (weights far from its init), n_head * head_dim
+    (48) apart from hidden_size (32), saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.disable_progress_bar()  # its progress bars would go to the stderr tests read
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=12, max_position_embeddings=16, rms_norm_eps=1e-6,
+                    rope_theta=500.0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**settings, **kwargs})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(tie_word_embeddings=True), dict(num_key_value_heads=4, head_dim=6),
+                                    dict(num_key_value_heads=1, head_dim=8, rope_theta=1e6)])
+def test_logits_equal_transformers_qwen3(kwargs, tmp_path):
+    reference = hf_qwen3(tmp_path, **kwargs)
+    ours = Qwen3.from_pretrained(tmp_path)
+    config = reference.config
+    assert (ours.config.n_kv_head, ours.config.head_size) == (config.num_key_value_heads, config.head_dim)
+    assert ours.config.tie_embeddings == config.tie_word_embeddings
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(idx).logits
+    assert torch.allclose(ours(idx)[0], expected, atol=1e-4, rtol=0)
+    assert set(ours.state_dict()) == set(reference.state_dict())
+
+
+def test_greedy_text_equals_transformers_generate_also_through_init_from(tmp_path, capsys):
+    reference = hf_qwen3(tmp_path, tie_word_embeddings=True).double()
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    expected = reference.generate(prompt, max_new_tokens=11, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(Qwen3.from_pretrained(tmp_path).double().generate(prompt, 11, temperature=0), expected)
+    code, out, _ = run_main(qwen3, capsys, "sample", "--init-from", tmp_path, "--prompt-ids", 3, 1, 4, 1, 5,
+                            "--max-new-tokens", 11, "--temperature", 0, "--device", "cpu")
+    assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
+
+
+def test_a_config_without_head_dim_has_transformers_default_of_128(tmp_path):
+    hf_qwen3(tmp_path, head_dim=128)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Qwen3.from_pretrained(tmp_path).config.head_size == 128
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(use_sliding_window=True, sliding_window=4), "use_sliding_window"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(model_type="qwen2"), "model_type"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_init_from_refuses_what_qwen3_py_does_not_compute(changes, key, tmp_path, capsys):
+    hf_qwen3(tmp_path)
+    edit_config(**changes)(tmp_path)
+    assert_init_from_refuses(qwen3, tmp_path, key, capsys)
