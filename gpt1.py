@@ -294,7 +294,7 @@ class TrainConfig:
     out_dir: str = arg(f"checkpoints/{MODEL}",
                        "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
-    lr: float = arg(3e-3, "peak learning rate, after warmup")
+    lr: float = arg(6e-4, "peak learning rate, after warmup (Post-LN stalls at 3e-3)")
     warmup_iters: int = arg(200, "steps of linear warmup")
     max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
     weight_decay: float = arg(0.1, "AdamW's weight decay, on weight matrices only")

@@ -189,7 +189,10 @@ def write_gguf(folder, path, dtype, config, weights, tok):
     """convert's work, on a folder read and checked."""
     check_computable(config)
     arch = ARCHITECTURES[config["model_type"]]
-    if arch != "gpt2":
+    # transformers' head_dim where config.json leaves it out: Qwen3's is 128, not the width's share.
+    if arch == "qwen3":
+        config = {"head_dim": 128, **config}
+    elif arch != "gpt2":
         config = {"head_dim": config["hidden_size"] // config["num_attention_heads"], **config}
     n_layer = config.get("num_hidden_layers") or config.get("n_layer")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)

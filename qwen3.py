@@ -1,8 +1,9 @@
 """
 Qwen3 from scratch: the model, its data, training, sampling and command line in one file.
 
-Qwen3 (Qwen Team, 2025, "Qwen3 Technical Report") is LLaMA (llama.py) with one change that
-every recent model has taken up in some form, as transformers' Qwen3ForCausalLM computes it:
+Qwen3 (Qwen Team, 2025, "Qwen3 Technical Report") is LLaMA (llama.py) with three changes, the
+first shared by many recent models (OLMo 2, Gemma 3), as transformers' Qwen3ForCausalLM computes
+them:
 
   - QK-norm: an RMSNorm over each head's query and key, after q_proj and k_proj and before
     RoPE. It bounds the attention logits, so that a high learning rate does not blow up the
@@ -254,9 +255,10 @@ class CausalSelfAttention(nn.Module):
     QK-norm (Dehghani et al., 2023; Wortsman et al., 2023): each head's query and key are
     RMS-normalised before RoPE, with a learned gain per feature. A score q . k grows with the
     norms of q and k, which nothing else bounds: at a high learning rate a few logits grow
-    large, the softmax puts all its weight on one key, and the loss spikes. Normalised, a
-    score is bounded by the gains. Qwen2 had biases on q, k and v instead; Gemma 2 capped the
-    logits with a tanh (soft-capping) for the same reason, and Gemma 3 switched to QK-norm."""
+    large, the softmax puts all its weight on one key, and training stalls or diverges.
+    Normalised, a score is bounded by the gains and sqrt(head_size). Gemma 2 capped the logits
+    with a tanh (soft-capping) for the same reason; Gemma 3 switched to QK-norm. Qwen2 had
+    biases on q, k and v, for long contexts; Qwen3 has none."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -1002,7 +1004,7 @@ def config_from_pretrained(folder):
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
         "rope_theta": 10000.0,
-        "num_key_value_heads": hf.get("num_attention_heads"),
+        "num_key_value_heads": 32,
         "head_dim": 128,
     }
     hf = {**defaults, **hf, **(hf.get("rope_parameters") or {})}

@@ -17,7 +17,8 @@ import bpe
 gguf = pytest.importorskip("gguf")
 import hf_to_gguf  # noqa: E402
 
-SHAPE = dict(block_size=64, n_layer=2, n_head=4, n_embd=32, sliding_window=64)  # a window as long as the context
+# A window as long as the context; heads of 12, not 32 / 4, where a file has head_size (gemma, qwen3).
+SHAPE = dict(block_size=64, n_layer=2, n_head=4, n_embd=32, sliding_window=64, head_size=12)
 MODELS = ["gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3"]
 PROMPT = "Мой дядя самых честных правил"
 
@@ -50,6 +51,8 @@ def test_the_file_holds_what_llama_cpp_reads(converted, tok):
     assert "token_embd.weight" in names and "blk.1.attn_norm.weight" in names
     if type(model).__name__ == "Mixtral":
         assert "blk.0.ffn_gate_exps.weight" in names
+    if hasattr(model.config, "head_size"):
+        assert reader.fields[f"{arch}.attention.key_length"].parts[-1][0] == model.config.head_size == 12
     if type(model).__name__ == "Qwen3":
         assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
 

@@ -20,6 +20,11 @@ def test_default_shape():
         3000, 256, 6, 8, 256)
 
 
+def test_default_learning_rate_is_post_lns():
+    """Post-LN stalls at gpt2.py's 3e-3 (benchmarks/README.md's sweep): gpt1.py trains at 6e-4."""
+    assert gpt1.TrainConfig().lr == 6e-4 and gpt2.TrainConfig().lr == 3e-3
+
+
 def test_mlp_is_linear_relu_linear():
     torch.manual_seed(0)
     mlp = gpt1.MLP(GPTConfig(n_embd=8)).double().eval()

@@ -128,12 +128,19 @@ def test_greedy_text_equals_transformers_generate_also_through_init_from(tmp_pat
     assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
 
 
-def test_a_config_without_head_dim_has_transformers_default_of_128(tmp_path):
-    hf_qwen3(tmp_path, head_dim=128)
+@pytest.mark.parametrize("left_out", [["head_dim"], ["num_key_value_heads"], ["rope_theta", "rope_parameters"]])
+def test_a_config_without_a_key_reads_as_transformers_reads_it(left_out, tmp_path):
+    """transformers' Qwen3 defaults: head_dim 128, 32 key/value heads, rope_theta 10000."""
+    transformers = pytest.importorskip("transformers")
+    hf_qwen3(tmp_path, num_attention_heads=32, num_key_value_heads=8, head_dim=4, rope_theta=500.0)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["head_dim"]
+    for key in left_out:
+        config.pop(key, None)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert Qwen3.from_pretrained(tmp_path).config.head_size == 128
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    ours = qwen3.config_from_pretrained(tmp_path)
+    assert (ours.head_size, ours.n_kv_head) == (theirs.head_dim, theirs.num_key_value_heads)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
 
 
 @pytest.mark.parametrize("changes, key", [
