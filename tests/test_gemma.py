@@ -26,13 +26,17 @@ def tiny(**kwargs):
                                  multiple_of=8), **kwargs})
 
 
-@pytest.mark.parametrize("kwargs, key", [
+# Heads that a config with a head size of its own refuses (gemma.py, qwen3.py), and the word it names.
+IMPOSSIBLE_HEADS = [
     (dict(n_embd=24, n_head=8), "even"),  # head_size n_embd // n_head = 3
     (dict(head_size=5), "even"),
     (dict(head_size=0), "head_size"),
     (dict(n_embd=30, n_head=8), "n_embd"),  # no head_size: the width split among the heads
     (dict(n_head=8, n_kv_head=3), "n_kv_head"),
-])
+]
+
+
+@pytest.mark.parametrize("kwargs, key", IMPOSSIBLE_HEADS)
 def test_config_rejects_impossible_values(kwargs, key):
     with pytest.raises(ValueError, match=key):
         GemmaConfig(**kwargs)
@@ -109,21 +113,29 @@ def test_weights_have_hugging_faces_names_the_head_size_and_a_tied_head():
     assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 12, 6)  # n_layer x (B, n_kv_head, block_size, head_size)
 
 
-@settings(max_examples=20, deadline=None)
-@given(n_head=st.integers(1, 4), group=st.sampled_from([1, 2]), half_head=st.integers(1, 5),
-       n_embd=st.integers(1, 24), length=st.integers(2, 20), seed=st.integers(0, 100))
-def test_any_head_size_caches_and_generates_as_the_full_forward(n_head, group, half_head, n_embd, length, seed):
-    """Past the context of 8 too: greedy tokens with the cache, without it, and from full forwards agree."""
-    config = tiny(n_head=n_head * group, n_kv_head=n_head, head_size=2 * half_head, n_embd=n_embd, block_size=8)
-    model = randomize(Gemma(config).double(), std=0.5, seed=seed)
+HEAD_SHAPES = dict(n_head=st.integers(1, 4), group=st.sampled_from([1, 2]), half_head=st.integers(1, 5),
+                   n_embd=st.integers(1, 24), length=st.integers(2, 20), seed=st.integers(0, 100))
+
+
+def assert_caches_as_the_full_forward(module, model_class, config, length, seed):
+    """Past the context (block_size 8) too: greedy tokens with the cache, without it, and from full
+    forwards agree, for a model file with a head size of its own."""
+    model = randomize(model_class(config).double(), std=0.5, seed=seed)
     prompt = torch.randint(0, 40, (2, min(length, 8)), generator=torch.Generator().manual_seed(seed))
-    cache = gemma.KVCache(config, 2, "cpu", torch.float64)
+    cache = module.KVCache(config, 2, "cpu", torch.float64)
     pieces = [model(prompt[:, :1], kv_cache=cache)[0], model(prompt[:, 1:], kv_cache=cache)[0]]
     assert torch.allclose(torch.cat(pieces, dim=1), model(prompt)[0], atol=1e-10)
     out = model.generate(prompt, length, temperature=0)
     assert torch.equal(model.generate(prompt, length, temperature=0, use_cache=False), out)
     for t in range(prompt.size(1), out.size(1)):
         assert torch.equal(out[:, t], model(out[:, max(0, t - 8) : t])[0][:, -1].argmax(-1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(**HEAD_SHAPES)
+def test_any_head_size_caches_and_generates_as_the_full_forward(n_head, group, half_head, n_embd, length, seed):
+    config = tiny(n_head=n_head * group, n_kv_head=n_head, head_size=2 * half_head, n_embd=n_embd, block_size=8)
+    assert_caches_as_the_full_forward(gemma, Gemma, config, length, seed)
 
 
 def test_head_size_apart_from_n_embd_trains_and_generates(corpus, tmp_path, capsys):

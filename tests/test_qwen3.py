@@ -9,7 +9,8 @@ import torch
 from conftest import randomize, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama import assert_init_from_refuses, edit_config
+from test_gemma import HEAD_SHAPES, IMPOSSIBLE_HEADS, assert_caches_as_the_full_forward
+from test_llama import assert_init_from_refuses, edit_config, hf_llama
 
 import qwen3
 from qwen3 import Qwen3, Qwen3Config
@@ -21,12 +22,7 @@ def tiny(**kwargs):
                                  n_kv_head=2, multiple_of=8), **kwargs})
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(n_embd=24, n_head=8, n_kv_head=4), "even"),  # head_size n_embd // n_head = 3
-    (dict(head_size=5), "even"),
-    (dict(head_size=0), "head_size"),
-    (dict(n_embd=30, n_head=8, n_kv_head=4), "n_embd"),  # no head_size: the width split among the heads
-])
+@pytest.mark.parametrize("kwargs, key", IMPOSSIBLE_HEADS)
 def test_config_rejects_impossible_values(kwargs, key):
     with pytest.raises(ValueError, match=key):
         Qwen3Config(**kwargs)
@@ -70,37 +66,16 @@ def test_qk_norm_makes_the_logits_blind_to_the_scale_of_queries_and_keys(name, f
 
 
 @settings(max_examples=20, deadline=None)
-@given(n_head=st.integers(1, 4), group=st.sampled_from([1, 2]), half_head=st.integers(1, 5),
-       n_embd=st.integers(1, 24), length=st.integers(2, 20), seed=st.integers(0, 100))
+@given(**HEAD_SHAPES)
 def test_any_head_size_caches_and_generates_as_the_full_forward(n_head, group, half_head, n_embd, length, seed):
-    """Past the context of 8 too: greedy tokens with the cache, without it, and from full forwards agree."""
     config = tiny(n_head=n_head * group, n_kv_head=n_head, head_size=2 * half_head, n_embd=n_embd, block_size=8)
-    model = randomize(Qwen3(config).double(), std=0.5, seed=seed)
-    prompt = torch.randint(0, 40, (2, min(length, 8)), generator=torch.Generator().manual_seed(seed))
-    cache = qwen3.KVCache(config, 2, "cpu", torch.float64)
-    pieces = [model(prompt[:, :1], kv_cache=cache)[0], model(prompt[:, 1:], kv_cache=cache)[0]]
-    assert torch.allclose(torch.cat(pieces, dim=1), model(prompt)[0], atol=1e-10)
-    out = model.generate(prompt, length, temperature=0)
-    assert torch.equal(model.generate(prompt, length, temperature=0, use_cache=False), out)
-    for t in range(prompt.size(1), out.size(1)):
-        assert torch.equal(out[:, t], model(out[:, max(0, t - 8) : t])[0][:, -1].argmax(-1))
+    assert_caches_as_the_full_forward(qwen3, Qwen3, config, length, seed)
 
 
 def hf_qwen3(folder, seed=0, **kwargs):
     """A random small transformers Qwen3ForCausalLM (weights far from its init), n_head * head_dim
     (48) apart from hidden_size (32), saved with save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.disable_progress_bar()  # its progress bars would go to the stderr tests read
-    torch.manual_seed(seed)
-    settings = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=12, max_position_embeddings=16, rms_norm_eps=1e-6,
-                    rope_theta=500.0)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**settings, **kwargs})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3)
-    model.save_pretrained(folder)
-    return model
+    return hf_llama(folder, seed, family="Qwen3", **{"head_dim": 12, **kwargs})
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(tie_word_embeddings=True), dict(num_key_value_heads=4, head_dim=6),
