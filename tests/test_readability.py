@@ -19,17 +19,17 @@ import pytest
 from conftest import ROOT
 
 # Rule 6: non-blank characters without indentation, per file (later files when present).
-# The readability issue's budgets, plus what each later issue allows: 1.5K for the
-# tokenizer issue's prompts and Llama 3's RoPE, 3K for `export` (not gpt1.py's: it has
-# none). bpe.py: the tokenizer issue's 34.5K. The practical-failures issue named no
-# allowance, so what it added (2.1K to 2.4K a model file, 3.8K in bpe.py) counts.
+# The readability issue's budgets, plus what each later issue allows a file that gains its
+# feature: gpt2.py 2K, the LLaMA family 4.5K (the tokenizer issue's prompts and Llama 3's
+# RoPE, and `export`), gpt1.py nothing (no --init-from, no export). bpe.py: the tokenizer
+# issue's 34.5K. The practical-failures issue named no allowance, so what it added counts.
 CHAR_BUDGETS = {
-    "gpt1.py": 32_500,
-    "gpt2.py": 48_500,
-    "llama.py": 55_500,
-    "mistral.py": 58_000,
-    "mixtral.py": 64_000,
-    "gemma.py": 56_500,
+    "gpt1.py": 31_000,
+    "gpt2.py": 44_000,
+    "llama.py": 51_000,
+    "mistral.py": 53_500,
+    "mixtral.py": 59_500,
+    "gemma.py": 52_000,
     "bpe.py": 34_500,
     "qwen3.py": 56_000,
     "gemma3.py": 60_000,
@@ -70,7 +70,7 @@ PAIRS = [pair for pair in DIFF_BUDGETS if all((ROOT / name).exists() for name in
 # The files that break a rule today, while the readability issue is still open. Each entry
 # goes when its file is mended; the marks are strict, so a mended file fails until it goes.
 NOT_YET = {
-    "rule6": {"bpe.py"},
+    "rule6": {"gpt1.py", "gpt2.py", "llama.py", "mistral.py", "mixtral.py", "gemma.py", "bpe.py"},
 }
 
 
