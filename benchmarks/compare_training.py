@@ -28,7 +28,7 @@ import bpe  # noqa: E402
 from compare_models import MODELS  # noqa: E402
 from plot_runs import main as plot_runs  # noqa: E402
 
-SHARED = ["tokenizer.json", "train.bin", "train.json", "val.bin", "val.json"]  # the same in every run
+SHARED = ["tokenizer.json", "tokenizer.source.json", "train.bin", "train.json", "val.bin", "val.json"]  # the same in every run
 CURVE = ["--eval-interval", "50", "--eval-iters", "5"]  # twice the default's points for the picture, at its cost
 QUICK = ["--block-size", "16", "--n-layer", "1", "--n-head", "4", "--n-embd", "32", "--batch-size", "4",
          "--eval-interval", "2", "--eval-iters", "2"]
