@@ -11,10 +11,10 @@ writer, its metadata keys and its map from Hugging Face's tensor names to llama.
     llama-cli -m llama.gguf -p "Мой дядя"
 
 Architectures: gpt2 (gpt2.py), llama (llama.py and mistral.py, and mixtral.py, which
-llama.cpp runs as llama with experts), gemma (gemma.py) and qwen3 (qwen3.py). Where llama.cpp
-would compute another model than ours, the folder is refused, never written. Within the
-context, that is: past it, llama.cpp attends to every key, where our models crop or slide
-their window.
+llama.cpp runs as llama with experts), gemma (gemma.py), qwen3 (qwen3.py), and gemma3 and
+gemma2 (gemma3.py, with their local windows). Where llama.cpp would compute another model
+than ours, the folder is refused, never written. Within the context, that is: past it,
+llama.cpp attends to every key, where our models crop or slide their window.
 """
 
 import argparse
@@ -41,7 +41,12 @@ ARCHITECTURES = {
     "mixtral": "llama",
     "gemma": "gemma",
     "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma2": "gemma2",
 }
+# Gemma 2 and 3: layers with windows, and llama.cpp's Gemma norms (1 + w stored as w).
+SWA = ("gemma2", "gemma3")
+GEMMA = ("gemma", *SWA)
 # GPT-2's Conv1D weights are (in, out); llama.cpp's, as nn.Linear's, (out, in).
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 DTYPES = ("f32", "f16", "bf16")
@@ -76,16 +81,20 @@ def read_folder(folder):
     return config, weights, tok
 
 
-def check_computable(config):
+def check_computable(arch, config):
     """Refuse what llama.cpp would compute differently from our model."""
     context = config.get("max_position_embeddings") or config.get("n_positions")
     window = config.get("sliding_window")
     # llama.cpp's llama has no window: past it, it would attend to keys ours does not.
-    check(window is None or window >= context,
+    check(arch in SWA or window is None or window >= context,
           f"sliding_window {window} is shorter than the context ({context}): llama.cpp's llama "
           "architecture attends to the whole context, so it would run another model")
     check(not config.get("rope_scaling"),
           "rope_scaling is not converted here (llama.cpp's rope_freqs): it would run unscaled")
+    # llama.cpp scales Gemma's scores by 1 / sqrt(head_dim), whatever query_pre_attn_scalar says.
+    scalar = config.get("query_pre_attn_scalar")
+    check(arch not in SWA or scalar == config.get("head_dim"),
+          f"query_pre_attn_scalar {scalar} is not head_dim: llama.cpp scales by head_dim")
 
 
 def write_hyperparameters(writer, arch, config):
@@ -113,6 +122,27 @@ def write_hyperparameters(writer, arch, config):
     if config.get("num_local_experts"):
         writer.add_expert_count(config["num_local_experts"])
         writer.add_expert_used_count(config["num_experts_per_tok"])
+    if arch in SWA:
+        write_windows(writer, arch, config)
+
+
+def write_windows(writer, arch, config):
+    """Gemma 2's and 3's local layers and soft-capping. llama.cpp's gemma2 has every second
+    layer global; its gemma3 reads the pattern."""
+    types = config["layer_types"]
+    writer.add_sliding_window(config["sliding_window"])
+    if arch == "gemma3":
+        pattern = (types + ["full_attention"]).index("full_attention") + 1
+        writer.add_sliding_window_pattern(pattern)
+        writer.add_rope_freq_base_swa(config["rope_local_base_freq"])
+    else:
+        check(types[1::2] == ["full_attention"] * (len(types) // 2),
+              f"layer_types {types}: llama.cpp's gemma2 has every second layer global")
+        check(config["attn_logit_softcapping"] and config["final_logit_softcapping"],
+              "llama.cpp's gemma2 soft-caps both the scores and the logits; this model does not")
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config["final_logit_softcapping"]:
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
 
 
 def write_tokenizer(writer, tok):
@@ -150,7 +180,7 @@ def llama_cpp_tensors(arch, config, weights):
     for name, weight in weights.items():
         if arch == "gpt2" and name.endswith(CONV1D):
             weight = weight.t()
-        if arch == "gemma" and name.endswith("norm.weight"):
+        if arch in GEMMA and name.endswith("norm.weight"):
             weight = weight + 1
         if arch == "llama" and name.endswith("q_proj.weight"):
             weight = permute_for_rope(weight, config["num_attention_heads"])
@@ -187,8 +217,8 @@ def convert(folder, path, dtype="f32"):
 
 def write_gguf(folder, path, dtype, config, weights, tok):
     """convert's work, on a folder read and checked."""
-    check_computable(config)
     arch = ARCHITECTURES[config["model_type"]]
+    check_computable(arch, config)
     # transformers' head_dim where config.json leaves it out: Qwen3's is 128, not the width's share.
     if arch == "qwen3":
         config = {"head_dim": 128, **config}

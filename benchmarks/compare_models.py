@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 MODELS = {  # file: (config class, model class)
     "gpt1": ("GPTConfig", "GPT"), "gpt2": ("GPTConfig", "GPT"), "llama": ("LlamaConfig", "Llama"),
     "mistral": ("MistralConfig", "Mistral"), "mixtral": ("MixtralConfig", "Mixtral"), "gemma": ("GemmaConfig", "Gemma"),
-    "qwen3": ("Qwen3Config", "Qwen3"),
+    "qwen3": ("Qwen3Config", "Qwen3"), "gemma3": ("Gemma3Config", "Gemma3"),
 }
 QUICK = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)  # where a config has them
 
@@ -75,11 +75,13 @@ def active_params(model, config):
 
 def cache_bytes(module, config):
     """The KV-cache's bytes per token of context, and in all for a text of 4 x block_size tokens:
-    gpt2.py and llama.py re-fill a block_size cache past the context, mistral.py rolls a window."""
+    gpt2.py and llama.py re-fill a block_size cache past the context, mistral.py rolls a window,
+    gemma3.py does both, layer by layer: per token of the longest layer's slots."""
     if not hasattr(module, "KVCache"):
         return None, None
     cache = module.KVCache(config, 1, torch.device("cpu"), torch.float32)
-    total, slots = sum(t.nbytes for t in cache.k + cache.v), cache.k[0].size(2)
+    total = sum(t.nbytes for t in cache.k + cache.v)
+    slots = max(k.size(2) for k in cache.k)
     return total // slots, total * min(1, 4 * config.block_size / slots)
 
 

@@ -14,7 +14,8 @@ import bpe
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+            "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM"}
 PROMPT = "Мой дядя самых честных правил"
 
 

@@ -19,7 +19,21 @@ import hf_to_gguf  # noqa: E402
 
 # A window as long as the context; heads of 12, not 32 / 4, where a file has head_size (gemma, qwen3).
 SHAPE = dict(block_size=64, n_layer=2, n_head=4, n_embd=32, sliding_window=64, head_size=12)
-MODELS = ["gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3"]
+# name: model file, llama.cpp's architecture, settings beside SHAPE (gemma3.py with windows that cut, and a
+# RoPE base of its own for its local layers; as Gemma 2, with soft-capping)
+MODELS = {
+    "gpt2": ("gpt2", "gpt2", {}),
+    "llama": ("llama", "llama", {}),
+    "mistral": ("mistral", "llama", {}),
+    "mixtral": ("mixtral", "llama", {}),
+    "gemma": ("gemma", "gemma", {}),
+    "qwen3": ("qwen3", "qwen3", {}),
+    "gemma3": ("gemma3", "gemma3", dict(n_layer=4, sliding_window=8, sliding_window_pattern=3, rope_local_theta=500.0,
+                                        final_logit_softcapping=5.0)),
+    "gemma3-all-local": ("gemma3", "gemma3", dict(sliding_window=8)),
+    "gemma2": ("gemma3", "gemma2", dict(n_layer=4, sliding_window=8, sliding_window_pattern=2, qk_norm=False,
+                                        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, rope_local_theta=1e6)),
+}
 PROMPT = "Мой дядя самых честных правил"
 
 
@@ -28,21 +42,22 @@ def tok():
     return bpe.Tokenizer.train(SENTENCES * 3, 400)
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=list(MODELS))
 def converted(request, tok, tmp_path_factory):
-    """(our model, the GGUF file) of a random model of each file, exported and converted."""
-    model = randomize(TABLE[request.param].build(vocab_size=tok.vocab_size, **SHAPE))
+    """(our model, the GGUF file, its architecture) of a random model of each file, exported and converted."""
+    name, arch, settings = MODELS[request.param]
+    model = randomize(TABLE[name].build(vocab_size=tok.vocab_size, **{**SHAPE, **settings}))
     folder = tmp_path_factory.mktemp(request.param)
-    importlib.import_module(request.param).export(model, tok, folder / "hf")
+    importlib.import_module(name).export(model, tok, folder / "hf")
     hf_to_gguf.convert(folder / "hf", folder / "model.gguf")
-    return model, folder / "model.gguf"
+    return model, folder / "model.gguf", arch
 
 
 def test_the_file_holds_what_llama_cpp_reads(converted, tok):
-    model, path = converted
+    model, path, expected_arch = converted
     reader = gguf.GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    assert arch == {"GPT": "gpt2", "Gemma": "gemma", "Qwen3": "qwen3"}.get(type(model).__name__, "llama")
+    assert arch == expected_arch
     tokens = reader.fields["tokenizer.ggml.tokens"]
     assert [bytes(tokens.parts[i]).decode() for i in tokens.data] == [tok.to_dict()["id2token"][str(i)]
                                                                        for i in range(tok.vocab_size)]
@@ -53,13 +68,16 @@ def test_the_file_holds_what_llama_cpp_reads(converted, tok):
         assert "blk.0.ffn_gate_exps.weight" in names
     if hasattr(model.config, "head_size"):
         assert reader.fields[f"{arch}.attention.key_length"].parts[-1][0] == model.config.head_size == 12
-    if type(model).__name__ == "Qwen3":
+    if arch in ("qwen3", "gemma3"):
         assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
+    if arch in ("gemma2", "gemma3"):
+        assert reader.fields[f"{arch}.attention.sliding_window"].parts[-1][0] == 8
+        assert "blk.0.post_attention_norm.weight" in names and "blk.0.post_ffw_norm.weight" in names
 
 
 def test_llama_cpp_tokenizes_and_generates_as_we_do(converted, tok):
     llama_cpp = pytest.importorskip("llama_cpp", reason="optional: pip install llama-cpp-python")
-    model, path = converted
+    model, path, _ = converted
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=SHAPE["block_size"], n_threads=1, logits_all=True,
                           verbose=False)
     ids = tok.encode_prompt(PROMPT)
@@ -80,6 +98,22 @@ def test_a_window_llama_cpp_would_ignore_is_refused(tok, tmp_path):
     mistral.export(model, tok, tmp_path / "hf")
     result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
     assert one_line_error(result.returncode, result.stderr, "sliding_window"), result.stderr
+    assert not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("settings, key", [
+    (dict(query_pre_attn_scalar=20), "query_pre_attn_scalar"),  # llama.cpp scales by head_dim
+    (dict(qk_norm=False, rope_local_theta=1e6, attn_logit_softcapping=3.0), "soft-caps"),  # gemma2 caps both
+    (dict(qk_norm=False, rope_local_theta=1e6, sliding_window_pattern=3, attn_logit_softcapping=3.0,
+          final_logit_softcapping=5.0, n_layer=3), "every second layer"),
+])
+def test_a_gemma_llama_cpp_would_compute_otherwise_is_refused(settings, key, tok, tmp_path):
+    import gemma3
+
+    model = TABLE["gemma3"].build(vocab_size=tok.vocab_size, **{**SHAPE, **settings})
+    gemma3.export(model, tok, tmp_path / "hf")
+    result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
+    assert one_line_error(result.returncode, result.stderr, key), result.stderr
     assert not (tmp_path / "model.gguf").exists()
 
 

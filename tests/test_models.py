@@ -11,6 +11,7 @@ import ast
 import csv
 import difflib
 import importlib
+import inspect
 import io
 import itertools
 import math
@@ -63,7 +64,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3"]
+MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3", "gemma3"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -79,6 +80,8 @@ TABLE = {
     "gemma": Model("gemma", "GemmaConfig", "Gemma", "Gemma", cache=True, tiny=dict(multiple_of=8), sibling="llama"),
     "qwen3": Model("qwen3", "Qwen3Config", "Qwen3", "Qwen3", cache=True, tiny=dict(n_kv_head=2, multiple_of=8),
                    sibling="llama", own_only=("prompt_ids", "prompt-ids", "if tok", "tok and", "check(tok,")),
+    "gemma3": Model("gemma3", "Gemma3Config", "Gemma3", "Gemma3", cache=True,
+                    tiny=dict(multiple_of=8, sliding_window=5, sliding_window_pattern=2), sibling="gemma"),
 }
 CACHED = [name for name in MODELS if TABLE[name].cache]
 SIBLINGS = [name for name in MODELS if TABLE[name].sibling]
@@ -124,12 +127,15 @@ def test_train_config_defaults(m, monkeypatch):
 
 def test_fused_attention_equals_written_out(m, monkeypatch):
     """Each query sees itself and the keys before it: the last T of T_k positions (a cache holds the rest);
-    with a sliding window, the last `window` of those only."""
+    with a sliding window (an attention that takes one), the last `window` of those only."""
     generator = torch.Generator().manual_seed(0)
+    takes = inspect.signature(m.module.attention).parameters
     for T, T_k in [(1, 1), (7, 7)] + ([(1, 7), (3, 7)] if m.cache else []):
-        for window in [1, 3, 7, 100] if m.window else [math.inf]:
+        for window in [1, 3, 7, 100] if "window" in takes else [math.inf]:
             q, k, v = (torch.randn(2, 3, n, 8, generator=generator, dtype=torch.float64) for n in (T, T_k, T_k))
-            args = (q, k, v, window) if m.window else (q, k, v)
+            args = (q, k, v, window) if "window" in takes else (q, k, v)
+            if "scale" in takes:
+                args += (1 / math.sqrt(8),)
             monkeypatch.setattr(m.module, "FUSED", True)
             fused = m.module.attention(*args)
             monkeypatch.setattr(m.module, "FUSED", False)
@@ -199,12 +205,13 @@ def test_changing_a_future_token_never_changes_earlier_logits(m, fused, monkeypa
 
 def small_configs(m):
     return st.builds(
-        lambda n_layer, n_kv_head, group, half_head, block_size, vocab_size, sliding_window: m.config(
+        lambda n_layer, n_kv_head, group, half_head, block_size, vocab_size, sliding_window, pattern: m.config(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_kv_head * group,
             n_kv_head=n_kv_head, n_embd=n_kv_head * group * 2 * half_head, multiple_of=4,
-            sliding_window=sliding_window),
+            sliding_window=sliding_window, sliding_window_pattern=pattern),
         n_layer=st.integers(1, 3), n_kv_head=st.integers(1, 2), group=st.integers(1, 3), half_head=st.integers(1, 4),
-        block_size=st.integers(1, 12), vocab_size=st.integers(2, 60), sliding_window=st.integers(1, 12))
+        block_size=st.integers(1, 12), vocab_size=st.integers(2, 60), sliding_window=st.integers(1, 12),
+        pattern=st.integers(1, 4))  # where a file has local and global layers (gemma3): 1 all global, 4 all local
 
 
 def token_lists(data, vocab_size, length, batch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import one_line_error, run_main
 from test_gemma import hf_gemma
+from test_gemma3 import hf_gemma3
 from test_llama import LLAMA3_ROPE, hf_llama
 from test_mixtral import hf_mixtral
 from test_qwen3 import hf_qwen3
@@ -41,6 +42,8 @@ RELEASED = {
     "mixtral": ("mixtral", "llama2", hf_mixtral, dict(sliding_window=None)),
     "gemma": ("gemma", "gemma", hf_gemma, {}),
     "qwen3": ("qwen3", "qwen", hf_qwen3, dict(tie_word_embeddings=True)),
+    "gemma3": ("gemma3", "gemma", hf_gemma3, {}),
+    "gemma2": ("gemma3", "gemma", hf_gemma3, dict(family="Gemma2")),
 }
 PROMPT = "Мой дядя самых честных правил, hello 2024"
 

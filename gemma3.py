@@ -1,0 +1,1412 @@
+"""
+Gemma 3 from scratch: the model, its data, training, sampling and command line in one file.
+
+Gemma 2 (Gemma Team, 2024, "Gemma 2: Improving Open Language Models at a Practical Size")
+and Gemma 3 (Gemma Team, 2025, "Gemma 3 Technical Report") are Gemma 1 (gemma.py) with
+these changes, as transformers' Gemma2ForCausalLM and Gemma3ForCausalLM compute them:
+
+  - Local layers, with mistral.py's sliding window, and every sliding_window_pattern-th
+    layer global: the cache is small where it can be, full where it must be.
+  - Sandwich norms: an RMSNorm before and after each sub-layer.
+  - Gemma 3's QK-norm, or Gemma 2's soft-capping of the scores and logits.
+  - Two RoPE bases: rope_theta for the global layers, rope_local_theta for the local ones.
+
+    python gemma3.py train                  # tokenizer, encoded corpus, then training
+    python gemma3.py sample --prompt "Мой дядя"
+
+Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
+`--init-from DIR` runs Hugging Face's Gemma 3 and Gemma 2 folders, text in and out
+(Gemma 3 270M and 1B, Gemma 2 2B, 9B and 27B); `export` writes ours as one.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import bpe
+
+# Stored in every checkpoint; checkpoints of other models are refused.
+MODEL = "gemma3"
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def arg(default, help, **metadata):
+    """A config field; its command-line flag takes this help (and type, if given)."""
+    return field(default=default, metadata=dict(help=help, **metadata))
+
+
+def check(ok, message):
+    """Raise ValueError(message) unless ok: the one-line error that a user sees."""
+    if not ok:
+        raise ValueError(message)
+
+
+# The fields of Llama 3's RoPE scaling (llama3_scaling).
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor",
+                  "original_max_position_embeddings")
+
+
+@dataclass
+class Gemma3Config:
+    """The shape of the network. Gemma 3 1B is Gemma3Config(262144, 32768, 26, 4, 1152, 256,
+    0.0, 1e-6, 1, mlp_hidden=6912, sliding_window=512)."""
+
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE gets this size)")
+    block_size: int = arg(256, "context length: the most tokens the model sees at once")
+    n_layer: int = arg(6, "Transformer blocks")
+    n_head: int = arg(8, "attention heads per block")
+    n_embd: int = arg(256, "width of the residual stream")
+    head_size: int | None = arg(None, "width of each head; n_head * head_size may "
+                                "differ from n_embd (None: n_embd // n_head)")
+    dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
+    norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
+    n_kv_head: int = arg(1, "key/value heads, each shared by n_head // n_kv_head query heads "
+                         "(1: multi-query)")
+    rope_theta: float = arg(1e6, "RoPE's base: the slowest pair of features turns "
+                            "~1 / rope_theta per position")
+    rope_local_theta: float = arg(10000.0, "RoPE's base in the local layers")
+    rope_scaling: dict | None = arg(None, "Llama 3's RoPE scaling (llama3_scaling's "
+                                    "arguments, as JSON)", type=json.loads)
+    multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
+    mlp_hidden: int | None = arg(None, "the MLP's hidden width (None: 8/3 * n_embd, rounded up "
+                                 "to multiple_of)")
+    sliding_window: int = arg(64, "a local layer's reach: the last sliding_window keys")
+    sliding_window_pattern: int = arg(6, "every sliding_window_pattern-th layer is global")
+    qk_norm: bool = arg(True, "Gemma 3's QK-norm (false: Gemma 2's model)", type=json.loads)
+    query_pre_attn_scalar: float | None = arg(None, "scores scale by 1/sqrt(it) (None: head_size)")
+    attn_logit_softcapping: float | None = arg(None, "Gemma 2's cap on the attention scores")
+    final_logit_softcapping: float | None = arg(None, "Gemma 2's cap on the logits")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                     "multiple_of", "sliding_window", "sliding_window_pattern"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        # LLaMA's: the width split among the heads.
+        if self.head_size is None:
+            check(self.n_embd % self.n_head == 0,
+                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_size = self.n_embd // self.n_head
+        value = self.head_size
+        check(isinstance(value, int) and value >= 1 and value % 2 == 0,
+              "head_size must be a positive even integer (RoPE turns pairs), "
+              f"got {value!r}")
+        check(self.n_head % self.n_kv_head == 0,
+              f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        check(1 < self.rope_theta < math.inf,
+              f"rope_theta must be finite and greater than 1, got {self.rope_theta}")
+        scaling = self.rope_scaling
+        if scaling is not None:
+            check(isinstance(scaling, dict) and sorted(scaling) == sorted(LLAMA3_SCALING),
+                  f"rope_scaling must give {', '.join(LLAMA3_SCALING)}")
+            check(scaling["low_freq_factor"] < scaling["high_freq_factor"],
+                  "rope_scaling's low_freq_factor must be below its high_freq_factor")
+        # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2.
+        if self.mlp_hidden is None:
+            hidden = int(8 * self.n_embd / 3)
+            self.mlp_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        value = self.mlp_hidden
+        check(isinstance(value, int) and value >= 1,
+              f"mlp_hidden must be a positive integer, got {value!r}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        self.check_gemma2_and_3()
+
+    def check_gemma2_and_3(self):
+        """Check the fields Gemma 2 and 3 add."""
+        check(self.rope_local_theta > 1,
+              f"rope_local_theta must be greater than 1, got {self.rope_local_theta}")
+        check(isinstance(self.qk_norm, bool), f"qk_norm must be true or false, got {self.qk_norm}")
+        if self.query_pre_attn_scalar is None:
+            self.query_pre_attn_scalar = self.head_size
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            check(value is None or value > 0, f"{name} must be positive, got {value}")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+# The fused GELU and attention kernels; the tests switch them off to check they equal ours.
+FUSED = True
+
+
+def gelu(x):
+    """GELU (Hendrycks and Gimpel, 2016), x * Phi(x) with Phi the standard normal
+    CDF, in the tanh approximation Gemma uses: GeGLU's gate."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class RMSNorm(nn.Module):
+    """Root mean square normalisation (Zhang and Sennrich, 2019), Gemma's way:
+    x / RMS(x) * (1 + w), w starting at zero. The gain is LLaMA's, stored minus one;
+    at zero, this is the plain normalisation."""
+
+    def __init__(self, n_embd, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(n_embd))
+
+    def forward(self, x):
+        # In float32 until after the scale, as Hugging Face's Gemma (LLaMA casts back before it).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns
+    its feature pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m,
+    then back by n, is turning by m - n: the score q_m . k_n depends on m - n only, and
+    nothing is learned. Gemma 3 has two, rope_theta's (global) and rope_local_theta's."""
+
+    def __init__(self, config, rope_theta, rope_scaling=None):
+        super().__init__()
+        head_size = config.head_size
+        pairs = torch.arange(0, head_size, 2, dtype=torch.float64)
+        inv_freq = rope_theta ** (-pairs / head_size)  # (hs / 2,)
+        if rope_scaling:
+            inv_freq = llama3_scaling(inv_freq, **rope_scaling)
+        positions = torch.arange(config.block_size, dtype=torch.float64)
+        angles = torch.outer(positions, inv_freq)  # (block_size, hs / 2)
+        # (block_size, head_size): features i and i + hs / 2 pair up.
+        angles = torch.cat([angles, angles], dim=-1)
+        # Not persistent: no checkpoint needs it.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, start, T):
+        """cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1."""
+        return self.cos[start : start + T], self.sin[start : start + T]
+
+
+def llama3_scaling(inv_freq, factor, low_freq_factor, high_freq_factor,
+                   original_max_position_embeddings):
+    """Llama 3's RoPE scaling (Meta's llama-models, apply_scaling; rope_type "llama3"):
+    to stretch a context of original_max_position_embeddings, the pairs that turn once
+    in over context / low_freq_factor positions turn `factor` times slower, those that
+    turn in under context / high_freq_factor keep their speed, and a ramp runs between.
+    inv_freq: (hs / 2,) in and out."""
+    wavelength = 2 * math.pi / inv_freq
+    # 0 for the slow pairs, 1 for the fast ones: the share of the old speed kept.
+    ramp = original_max_position_embeddings / wavelength - low_freq_factor
+    kept = (ramp / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return kept * inv_freq + (1 - kept) * inv_freq / factor
+
+
+def apply_rope(x, cos, sin):
+    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin,
+    x2 cos + x1 sin). Which features pair up is a convention; the two are one model, up to
+    the order of each head's rows in q_proj and k_proj (evens, then odds: how Hugging Face's
+    conversion script turns Meta's weights into theirs).
+        Meta's code:          (x0 x1) (x2 x3) (x4 x5) (x6 x7)   neighbours, as complex numbers
+        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, ..."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, heads, T, head_size / 2)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, heads, T, head_size)
+
+
+def is_local(config, layer):
+    """Whether layer attends to mistral.py's sliding window: all but every
+    sliding_window_pattern-th, which sees the whole context."""
+    return (layer + 1) % config.sliding_window_pattern != 0
+
+
+def attention(q, k, v, window, scale, softcap=None, dropout_p=0.0):
+    """Masked scaled dot-product attention, softmax(cap(q k^T * scale)) v, for the queries
+    q (B, n_head, T, head_size) of the last T of the T_k positions whose keys and values
+    k, v (B, n_head, T_k, head_size) hold: query i, at T_k - T + i, sees the last `window`
+    keys up to its own. Gemma 2's cap(x) = softcap * tanh(x / softcap)."""
+    T = q.size(-2)
+    T_k = k.size(-2)
+    # One kernel where the window cuts nothing: the causal mask, or none for one token.
+    fused = FUSED and softcap is None
+    if fused and T in (1, T_k) and T_k <= window:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1,
+                                              scale=scale)
+    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
+    band = causal.triu(diagonal=T_k - T - window + 1)  # (T, T_k): and within the window
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p,
+                                              scale=scale)
+    att = q @ k.transpose(-2, -1) * scale  # (B, n_head, T, T_k)
+    if softcap is not None:
+        # Never beyond +-softcap: no score can take the whole softmax.
+        att = softcap * torch.tanh(att / softcap)
+    att = F.softmax(att.masked_fill(~band, float("-inf")), dim=-1)
+    # GPT-2's attention dropout: on the weights.
+    att = F.dropout(att, dropout_p)
+    return att @ v  # (B, n_head, T, head_size)
+
+
+class KVCache:
+    """The keys and values of the tokens so far, per layer, of the shared heads only, in
+    buffers written in place: a local layer's is mistral.py's rolling buffer of
+    sliding_window slots, a global layer's has block_size. The next tokens go to
+    positions pos, ..."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        self.k = []
+        self.v = []
+        self.local = [is_local(config, layer) for layer in range(config.n_layer)]
+        for local in self.local:
+            slots = config.sliding_window if local else config.block_size
+            shape = (batch_size, config.n_kv_head, slots, config.head_size)
+            self.k.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.v.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.window = config.sliding_window
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store a layer's k, v (B, n_kv_head, T, head_size) at pos and return those its
+        queries see (B, n_kv_head, T_k, head_size): all so far, or see roll; Gemma3.forward
+        advances pos once every layer has stored."""
+        if self.local[layer]:
+            return self.roll(layer, k, v)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def roll(self, layer, k, v):
+        """A local layer's update, mistral.py's: for one token the ring in slot order, for
+        a chunk the cached last W - 1 positions and its own, in order."""
+        W = self.window
+        T = k.size(2)
+        # Decoding: the ring as it is, min(pos + 1, W) slots, all in the window.
+        if T == 1:
+            self.k[layer][:, :, self.pos % W] = k[:, :, 0]
+            self.v[layer][:, :, self.pos % W] = v[:, :, 0]
+            return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
+        # The slots of the last W - 1 positions, oldest first.
+        kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W
+        k_all = torch.cat([self.k[layer][:, :, kept], k], dim=2)  # (B, n_kv_head, T_k, head_size)
+        v_all = torch.cat([self.v[layer][:, :, kept], v], dim=2)  # (B, n_kv_head, T_k, head_size)
+        # The slots of the chunk's last W positions.
+        slots = torch.arange(self.pos, self.pos + T, device=k.device)[-W:] % W
+        self.k[layer][:, :, slots] = k[:, :, -W:]
+        self.v[layer][:, :, slots] = v[:, :, -W:]
+        return k_all, v_all
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of
+    n_head / n_kv_head query heads shares a key and value head (n_kv_head = n_head: GPT-2's
+    multi-head; 1: multi-query), turned by RoPE. The heads are head_size wide whatever n_embd
+    is: o_proj maps n_head * head_size back to n_embd. A global layer's window is the
+    whole context."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.dropout = config.dropout
+        self.layer = layer  # which layer of a KVCache is ours
+        self.window = config.sliding_window if is_local(config, layer) else config.block_size
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        kv_width = config.n_kv_head * config.head_size
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_size, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv_width, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_width, bias=False)
+        # joined heads -> residual stream
+        self.o_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.o_proj.residual_projection = True  # GPT-2's scaled init: see Gemma3._init_weights
+        # Gemma 3's QK-norm: queries and keys at a learned RMS, so no score grows without
+        # bound with the weights (Gemma 2's soft-capping's job).
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_size, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_size, config.norm_eps)
+
+    def forward(self, x, rope, kv_cache=None):
+        B, T, C = x.size()  # batch, tokens, n_embd
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        q = self.q_norm(q)  # (B, n_head, T, hs)
+        k = self.k_norm(k)  # (B, n_kv_head, T, hs)
+        # Turned by their positions; v is not.
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            # (B, n_kv_head, T_k, head_size): the cached keys and values, then the new ones
+            k, v = kv_cache.update(self.layer, k, v)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, self.window, self.scale, self.softcap, dropout)  # (B, n_head, T, hs)
+        # (B, T, n_head * head_size): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return F.dropout(self.o_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network as a GeGLU (Shazeer, 2020):
+    down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.down_proj.residual_projection = True  # GPT-2's scaled init: see Gemma3._init_weights
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        gate = self.gate_proj(x)  # (B, T, mlp_hidden)
+        # How much of up(x) passes, feature by feature.
+        gate = F.gelu(gate, approximate="tanh") if FUSED else gelu(gate)
+        x = self.down_proj(gate * self.up_proj(x))  # (B, T, n_embd)
+        return F.dropout(x, self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """One Transformer layer, sandwiched: x + RMSNorm(Attn(RMSNorm(x))), then
+    x + RMSNorm(MLP(RMSNorm(x))). The stream is never normalised, as in Pre-norm, but no
+    sub-layer can add more than its output norm's gain allows."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.local = is_local(config, layer)
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = CausalSelfAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x, rope, kv_cache=None):
+        h = self.self_attn(self.input_layernorm(x), rope, kv_cache)  # (B, T, n_embd)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))  # (B, T, n_embd)
+        return x + self.post_feedforward_layernorm(h)  # (B, T, n_embd)
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Raise ValueError for a temperature, top_k or top_p out of range."""
+    check(0 <= temperature < math.inf,
+          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
+    check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0,
+    else drawn from softmax(logits / temperature) among the top_k likeliest and, of those,
+    the fewest holding top_p of the probability."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    # The likeliest at 0, so that near temperature 0 the others go to -inf, never NaN;
+    # and a float32 temperature of 1e-39 would be 0, hence the smallest positive float.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once those before it hold top_p; the first always stays.
+        held_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        dropped = held_before >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
+    return torch.multinomial(probs, num_samples=1)
+
+
+class Gemma3(nn.Module):
+    """The language model: a token embedding times sqrt(n_embd), n_layer blocks, a final
+    RMSNorm, and a head that turns each position's vector into logits over the next
+    token. Positions enter only as RoPE's turns. The scale is the original Transformer's
+    (Vaswani et al., 2017), for a matrix shared with the head: the head wants its rows
+    small, the residual stream wants them larger."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            # no weights: the angles of each position, global and local
+            rotary_emb=RotaryEmbedding(config, config.rope_theta, config.rope_scaling),
+            rotary_emb_local=RotaryEmbedding(config, config.rope_local_theta),
+            layers=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied, as GPT-2's: 0.79 B parameters fewer at 7B.
+        self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual
+        projections, as the stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's
+        init leave that scaling out)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if hasattr(module, "residual_projection"):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self):
+        """Parameters to train; the tied head and token embedding count once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """Gemma from a Hugging Face folder: see "Pretrained weights" below."""
+        return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), and, given targets
+        (B, T), the mean cross-entropy loss (else None). With a kv_cache, idx are the
+        tokens after the cached ones, at positions kv_cache.pos, kv_cache.pos + 1, ..."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        check(start + T <= self.config.block_size,
+              f"{start + T} tokens exceed the context of {self.config.block_size}")
+        # cos, sin (T, head_size): the turns of positions start, ..., start + T - 1
+        global_rope = self.model.rotary_emb(start, T)
+        local_rope = self.model.rotary_emb_local(start, T)
+        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        # In x's dtype, as trained: bfloat16 rounds sqrt(3072) to 55.5.
+        x = x * x.new_tensor(self.config.n_embd**0.5)
+        x = F.dropout(x, self.config.dropout, self.training)
+        for block in self.model.layers:
+            rope = local_rope if block.local else global_rope
+            x = block(x, rope, kv_cache)  # (B, T, n_embd)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab_size)
+        cap = self.config.final_logit_softcapping
+        # Gemma 2: no logit beyond +-cap.
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True):
+        """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.inference_mode()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True):
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
+        step runs the whole window; with it, the first fills the cache and the others run one
+        token.
+
+        Past block_size the window slides and the cache goes stale, though not its positions,
+        as RoPE's scores see relative ones only: from the second layer on each key and value
+        depends on the token that just left. So it is re-filled from the window at each step:
+        as slow as no cache, but exact, where a sliding cache would compute another model.
+        Only the global layers need it: mistral.py's local ones do not.
+        """
+        check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
+        B, T = idx.size()
+        check(T > 0, "generation needs at least one token to start from")
+        kv_cache = None
+        if use_cache:
+            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
+        # Only the window is kept, so that a huge max_new_tokens means "until Ctrl-C".
+        window = idx[:, -self.config.block_size :]  # (B, <= block_size)
+        for t in range(T, T + max_new_tokens):  # t: tokens so far
+            cached = kv_cache is not None and kv_cache.pos == t - 1
+            if cached and t <= self.config.block_size:
+                x = window[:, -1:]  # (B, 1): the rest is cached
+            else:
+                x = window  # (B, <= block_size)
+                if kv_cache is not None:
+                    kv_cache.pos = 0  # fill (or re-fill: see above) from the window
+            logits, _ = self(x, kv_cache=kv_cache)  # (B, T_x, vocab_size)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            window = torch.cat([window, next_id], dim=1)[:, -self.config.block_size :]
+            yield next_id
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_tokens(path):
+    """bpe.prepare_corpus's .bin file as a 1-D uint16 tensor."""
+    return torch.from_file(str(path), dtype=torch.uint16, size=Path(path).stat().st_size // 2)
+
+
+def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
+    """Random windows x (B, block_size) and targets y, one token on. Each process keeps its
+    share of all starts, so the generators stay in step."""
+    starts = torch.randint(len(tokens) - block_size, (world_size, batch_size),
+                           generator=generator)
+    ours = starts[rank]  # (B,)
+    offsets = torch.arange(block_size + 1)  # (block_size + 1,)
+    window = tokens[ours[:, None] + offsets].long()  # (B, block_size + 1)
+    return window[:, :-1], window[:, 1:]
+
+
+def sequential_batches(tokens, batch_size, block_size):
+    """get_batch's (x, y), predicting every token once, in order."""
+    end = (len(tokens) - 1) // block_size * block_size  # of the full windows
+    x = tokens[:end].long().view(-1, block_size)
+    y = tokens[1 : end + 1].long().view(-1, block_size)
+    for first in range(0, len(x), batch_size):
+        yield x[first : first + batch_size], y[first : first + batch_size]
+    rest = tokens[end:].long()
+    if len(rest) > 1:
+        yield rest[None, :-1], rest[None, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+# Set by torchrun (DDP).
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+
+
+def duration(text):
+    """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+@dataclass
+class TrainConfig:
+    """How to train."""
+
+    data: str = field(default_factory=bpe.default_data_dir,
+                      metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
+    out_dir: str = arg(f"checkpoints/{MODEL}",
+                       "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+    batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
+    lr: float = arg(3e-3, "peak learning rate, after warmup")
+    warmup_iters: int = arg(200, "steps of linear warmup")
+    max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
+    weight_decay: float = arg(0.1, "AdamW's weight decay, on weight matrices only")
+    grad_clip: float = arg(1.0, "clip gradients to this global norm (0: off)")
+    eval_interval: int = arg(100, "steps between evaluations and checkpoints")
+    eval_iters: int = arg(10, "batches per split per evaluation")
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h",
+                                 type=duration)
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: an accelerator, else cpu)")
+    dtype: str = arg("auto", "bfloat16 or float32 matmuls (auto: bfloat16 where supported)")
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(False, "continue the run in out_dir")
+    init_from: str | None = arg(None, "a Hugging Face Gemma3 folder to start from, instead of "
+                                "random weights")
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            check(value >= 0, f"{name} must not be negative, got {value}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(self.max_time is None or 0 < self.max_time < 1e9,
+              f"max_time must be in (0s, 1e9s), got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"),
+              f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas, decaying only weight
+    matrices: biases and norm gains should not shrink."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def get_lr(step, cfg, elapsed=0.0):
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to
+    cfg.lr / 10 at max_iters, or where the time budget ends at the pace so far."""
+    max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    decay_iters = max(1, max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_iters)  # 0 -> 1
+    min_lr = cfg.lr / 10
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def train_step(model, optimizer, x, y, grad_clip, autocast):
+    """One optimizer step on x, y (B, T); returns the loss, on the device. DDP's backward()
+    averages the gradients."""
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
+    """Mean loss per token (nats) and bits per character over batches of (x, y) and
+    processes; char_counts (vocab_size,): each token's characters."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
+    for x, y in batches:
+        with autocast:
+            logits, _ = model(x.to(device))
+        y = y.to(device)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        totals[1] += y.numel()
+        totals[2] += char_counts[y].sum()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    nats, n_tokens, n_chars = totals.tolist()
+    bpc = nats / math.log(2) / n_chars if n_chars else float("nan")
+    return nats / n_tokens, bpc
+
+
+@dataclass
+class Run:
+    """A run in training, as its checkpoint keeps it."""
+
+    model: nn.Module  # not compiled or wrapped
+    optimizer: torch.optim.Optimizer
+    tok: bpe.Tokenizer
+    batches: torch.Generator  # draws the training batches
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, in all sessions
+
+
+def save_checkpoint(path, run, max_time=None):
+    """Write all that --resume needs, atomically, as plain data."""
+    checkpoint = {
+        "model": MODEL,
+        "config": asdict(run.model.config),
+        "tokenizer": run.tok.fingerprint,
+        "step": run.step,
+        "weights": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "elapsed": run.elapsed,
+        "max_time": max_time,
+        "rng": {"torch": torch.get_rng_state(), "batches": run.batches.get_state()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """The model, tokenizer and checkpoint dict of the run at path (ckpt.pt, tokenizer.json
+    beside it), or a one-sentence ValueError."""
+    check(path.is_file(),
+          f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    # Plain data only: no code runs from the file.
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, a foreign pickle, ...
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    check(kind, f"{path} is no checkpoint")
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}")
+    missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
+    check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
+    tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint,
+          f"{path} was trained with another tokenizer.json")
+    try:
+        model = Gemma3(Gemma3Config(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["weights"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
+    check(all(p.isfinite().all() for p in model.parameters()),
+          f"{path} holds NaN or inf weights: its run diverged")
+    return model, tok, checkpoint
+
+
+def restore(run, checkpoint, path):
+    """Continue run from its checkpoint."""
+    ours = asdict(run.model.config)
+    theirs = checkpoint["config"]
+    differ = ", ".join(name for name in ours if theirs.get(name) != ours[name])
+    check(not differ, f"{path} has another shape ({differ}): give the same flags to resume")
+    run.model.load_state_dict(checkpoint["weights"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.batches.set_state(checkpoint["rng"]["batches"])
+    run.step = checkpoint["step"]
+    run.elapsed = checkpoint.get("elapsed", 0.0)
+
+
+def pick_device(name, local_rank=0):
+    """torch.device for --device."""
+    kinds = ["cpu"]
+    if torch.accelerator.is_available():
+        kinds.append(torch.accelerator.current_accelerator().type)
+    if name == "auto":
+        name = kinds[-1]
+    check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def use_bfloat16(device, dtype):
+    """Whether to use bfloat16 matmuls."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(False)
+    cpu = torch.cpu.get_capabilities()
+    return device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
+
+
+@contextmanager
+def ctrl_c_stops():
+    """Ctrl-C makes the yielded list non-empty: stop after this step and save."""
+    stop = []
+
+    def request_stop(*signal_args):
+        if stop:
+            signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
+        stop.append(True)
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare_data(config, cfg, log):
+    """The run's tokenizer, token arrays, and config with the tokenizer's vocab_size."""
+    if RANK != 0:
+        dist.barrier()
+    vocab_size = config.vocab_size
+    # A released model brings its own tokenizer.
+    if cfg.init_from:
+        vocab_size = None
+    # bpe.run_tokenizer reuses one made here for this text and size.
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log,
+                                                   resume=cfg.resume)
+    if WORLD_SIZE > 1 and RANK == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(train_path), "val": load_tokens(val_path)}
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size,
+              f"the {split} split has {len(tokens)} tokens, too few for a window")
+    # A tiny text stops BPE early.
+    if not cfg.init_from:
+        config = replace(config, vocab_size=tok.vocab_size)
+    return config, tok, splits
+
+
+def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
+    """Evaluate both splits on the same batches each time, for comparable numbers, and log;
+    process 0 saves the checkpoint and a log.csv row."""
+    block_size = run.model.config.block_size
+    char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
+    losses = []
+    for tokens in splits.values():
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        batches = (get_batch(tokens, cfg.batch_size, block_size, generator, RANK, WORLD_SIZE)
+                   for _ in range(cfg.eval_iters))
+        losses += evaluate(model, batches, char_counts, char_counts.device, autocast)
+    train_loss, train_bpc, val_loss, val_bpc = losses
+    eta = (cfg.max_iters - run.step) * run.elapsed / run.step  # seconds
+    if cfg.max_time:
+        eta = cfg.max_time - run.elapsed
+    if RANK == 0:
+        print(f"eval step {run.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
+              f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
+              f"elapsed {timedelta(seconds=round(run.elapsed))} | "
+              f"ETA {timedelta(seconds=round(max(0, eta)))}")
+    # The last update may have made the weights NaN: then no save.
+    check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
+    if RANK == 0:
+        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
+        row = [run.step, lr, *losses, round(tokens_per_s), round(run.elapsed, 1)]
+        with open(Path(cfg.out_dir) / "log.csv", "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(row)
+
+
+def train_loop(run, model, splits, cfg, autocast, log):
+    """Train run.model through model (compiled or wrapped) until max_iters, the time budget
+    or Ctrl-C."""
+    block_size = run.model.config.block_size
+    device = run.model.lm_head.weight.device
+    first_step = run.step
+    elapsed_before = run.elapsed
+    start = time.time()
+    budget = cfg.max_time or math.inf
+    stopping = elapsed_before >= budget  # a budget spent already
+    with ctrl_c_stops() as stop:
+        while (cfg.max_time or run.step < cfg.max_iters) and not stopping:
+            lr = get_lr(run.step, cfg, run.elapsed)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            x, y = get_batch(splits["train"], cfg.batch_size, block_size, run.batches, RANK,
+                             WORLD_SIZE)
+            loss = train_step(model, run.optimizer, x.to(device), y.to(device), cfg.grad_clip,
+                              autocast)
+            run.step += 1
+            tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
+            elapsed = elapsed_before + time.time() - start
+            stopping = bool(stop) or elapsed > budget
+            # One process's stop or NaN (a sum keeps it) stops all, lest the rest wait forever.
+            # Process 0's clock sets the lr.
+            status = torch.tensor([stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)],
+                                  device=device)
+            if WORLD_SIZE > 1:
+                dist.all_reduce(status)
+            stopping, loss, run.elapsed = status.tolist()
+            # No way back from NaN or inf: the last checkpoint stays.
+            check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
+            if run.step == first_step + 1 or run.step % 10 == 0:
+                progress = f"{run.step}/{cfg.max_iters}"
+                if cfg.max_time:
+                    progress = f"{run.step} ({run.elapsed:.0f}s of {cfg.max_time:.0f}s)"
+                log(f"step {progress} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s")
+            # Under a time budget, max_iters counts nothing.
+            at_end = run.step == cfg.max_iters and not cfg.max_time
+            if run.step % cfg.eval_interval == 0 or at_end or stopping:
+                evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
+    return bool(stop)
+
+
+def train(config, cfg):
+    """Train a Gemma3 of shape `config` on cfg.data into cfg.out_dir; DDP under torchrun."""
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    # An out_dir we cannot write fails now, not after the BPE.
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=cfg.out_dir).close()
+    log = print if RANK == 0 else lambda *args: None
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # A bad checkpoint fails before any work.
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None
+    check(cfg.resume or not ckpt_path.exists(),
+          f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config, tok, splits = prepare_data(config, cfg, log)
+    # The same initial weights in every process.
+    torch.manual_seed(cfg.seed)
+    raw_model = Gemma3(config).to(device)
+    optimizer = configure_optimizer(raw_model, cfg, device)
+    run = Run(raw_model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
+    if checkpoint:
+        restore(run, checkpoint, ckpt_path)
+        # The run's time budget, unless given a new one.
+        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
+        log(f"resuming from {ckpt_path} at step {run.step}")
+    elif cfg.init_from:
+        # Fine-tuning: start from the released weights.
+        load_pretrained_weights(raw_model, cfg.init_from)
+    if not checkpoint and RANK == 0:
+        columns = "step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s"
+        (Path(cfg.out_dir) / "log.csv").write_text(columns + "\n")
+    bfloat16 = use_bfloat16(device, cfg.dtype)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    # run.model stays plain, as checkpoints keep it.
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if WORLD_SIZE > 1:
+        model = DistributedDataParallel(model)
+    log(f"{MODEL}: {raw_model.num_params() / 1e6:.2f}M parameters, {config}")
+    log(f"tokens: {len(splits['train']):,} train, {len(splits['val']):,} val | {device}, "
+        f"{'bfloat16' if bfloat16 else 'float32'}, {WORLD_SIZE} process(es)")
+    try:
+        stopped = train_loop(run, model, splits, cfg, autocast, log)
+        if WORLD_SIZE > 1:
+            # One process leaving the group early can abort another.
+            dist.barrier()
+    finally:
+        if WORLD_SIZE > 1:
+            dist.destroy_process_group()
+    if stopped:
+        log(f"stopped by Ctrl-C at step {run.step}: saved {ckpt_path}; --resume continues")
+    else:
+        log(f"done: {ckpt_path} is at step {run.step}")
+    return raw_model
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def load_trained(out_dir, device, init_from=None):
+    """The model and tokenizer of the run in out_dir, or of the Hugging Face folder init_from."""
+    if init_from:
+        model = Gemma3.from_pretrained(init_from)
+        tok = pretrained_tokenizer(init_from)
+    else:
+        model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
+    return model.to(device).eval(), tok
+
+
+def cmd_sample(args):
+    """`sample`: stream generated text to stdout, the speed to stderr."""
+    # Bad flags fail before the model loads.
+    check(args.max_new_tokens >= 0,
+          f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    check(not (args.prompt and args.prompt_file), "give --prompt or --prompt-file, not both")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device, args.init_from)
+    check(tok or args.prompt_ids,
+          "this model has no tokenizer: give --prompt-ids 1 2 3")
+    check(not args.prompt_ids or not (args.prompt or args.prompt_file),
+          "give --prompt or --prompt-ids, not both")
+    prompt = args.prompt or ""
+    # Bytes that are not UTF-8 reach argv as lone surrogates (PEP 383).
+    check(not any("\udc80" <= c <= "\udcff" for c in prompt),
+          "the prompt is not UTF-8, nor perhaps the terminal: pass it in a file, --prompt-file")
+    if args.prompt_file:
+        prompt = bpe.read_text(args.prompt_file)
+    ids = args.prompt_ids or tok.encode_prompt(prompt)
+    check(0 <= min(ids) <= max(ids) < model.config.vocab_size,
+          f"--prompt-ids must be ids of the model, 0 to {model.config.vocab_size - 1}")
+    idx = torch.tensor([ids], device=device)
+    torch.manual_seed(args.seed)
+    n_tokens = 0
+    start = time.time()
+
+    def new_ids():
+        nonlocal n_tokens
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p, args.cache):
+            n_tokens += 1
+            id = token.item()  # one sync with the device per token
+            if tok and id == tok.eos_id:
+                return
+            yield id
+
+    # Text, or without a tokenizer the ids.
+    if args.prompt_ids:
+        prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
+    print(prompt, end="")
+    pieces = tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids())
+    for text in pieces:
+        print(text, end="", flush=True)
+    print()
+    print(f"{n_tokens} tokens in {time.time() - start:.2f}s", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights: Hugging Face's Gemma 3 and Gemma 2 in, ours out
+#
+# Hugging Face publishes Gemma-family models as a folder: config.json (the shape),
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
+# bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
+# are theirs: loading is a plain copy.
+
+# Their config.json's keys: ours.
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "block_size",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "hidden_size": "n_embd",
+    "rms_norm_eps": "norm_eps",
+    "num_key_value_heads": "n_kv_head",
+    "intermediate_size": "mlp_hidden",
+    "head_dim": "head_size",
+    "sliding_window": "sliding_window",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+# Gemma 3's and Gemma 2's model_type: their class, and their defaults where they differ.
+FAMILIES = {
+    "gemma3_text": dict(architectures=["Gemma3ForCausalLM"], final_logit_softcapping=None),
+    "gemma2": dict(architectures=["Gemma2ForCausalLM"], attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+}
+# config.json's settings of Gemma variants: the values gemma3.py computes, transformers' default
+# first.
+SUPPORTED = {
+    "architectures": (["Gemma3ForCausalLM"], ["Gemma2ForCausalLM"]),
+    "model_type": tuple(FAMILIES),
+    "tie_word_embeddings": (True,),  # the head is the token embedding
+    # GeGLU's gate: transformers 5 reads "gelu" as the tanh one.
+    "hidden_act": ("gelu_pytorch_tanh", "gelu"),
+    "hidden_activation": ("gelu_pytorch_tanh",),  # transformers 4 read this key instead
+    "attention_bias": (False,),  # biases in the projections
+    "use_bidirectional_attention": (None, False),  # causal
+}
+
+
+def config_from_pretrained(folder):
+    """The Gemma3Config of a Hugging Face Gemma 3 or 2 config.json; other models are refused."""
+    path = Path(folder) / "config.json"
+    check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
+    for key, computed in SUPPORTED.items():
+        values = " or ".join(map(repr, computed))
+        check(hf.get(key, computed[0]) in computed,
+              f"{path} sets {key} to {hf.get(key)!r}: gemma3.py computes {values}")
+    family = hf.get("model_type", "gemma3_text")
+    # transformers' defaults
+    defaults = {
+        "rms_norm_eps": 1e-6,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "model_type": family,
+        **FAMILIES[family],
+    }
+    hf = {**defaults, **hf}
+    # Gemma 3 computes no attention soft-capping, whatever its config.json says.
+    if family == "gemma3_text":
+        hf["attn_logit_softcapping"] = None
+    # No window: the same model as a window of all positions.
+    if hf["sliding_window"] is None:
+        hf["sliding_window"] = hf.get("max_position_embeddings")
+    missing = ", ".join(sorted(CONFIG_KEYS.keys() - hf.keys()))
+    check(not missing, f"{path} lacks {missing}")
+    try:
+        config = Gemma3Config(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()},
+                              **rope_of_layers(hf), qk_norm=family == "gemma3_text",
+                              sliding_window_pattern=window_pattern(hf))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
+
+
+def rope_of_layers(hf):
+    """rope_theta, rope_local_theta and rope_scaling of a config.json: transformers 5's
+    rope_parameters, per layer type (Gemma 3) or for all (Gemma 2), else version 4's keys."""
+    gemma3 = hf["model_type"] == "gemma3_text"
+    params = hf.get("rope_parameters") or {}
+    full = params.get("full_attention", params)
+    sliding = params.get("sliding_attention", params)
+    scaling = None
+    for rope in (hf.get("rope_scaling") or {}, full, sliding):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        check(rope_type in ("default", "llama3") and (rope is full or rope_type == "default"),
+              f"it asks for RoPE scaling {rope_type!r}, which gemma3.py does not compute")
+        if rope_type == "llama3":
+            scaling = {key: rope.get(key) for key in LLAMA3_SCALING}
+    rope_theta = full.get("rope_theta", hf.get("rope_theta", 1e6 if gemma3 else 1e4))
+    # Gemma 2 has one base for all layers.
+    local_theta = rope_theta
+    if gemma3:
+        local_theta = sliding.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+    return dict(rope_theta=rope_theta, rope_local_theta=local_theta, rope_scaling=scaling)
+
+
+def window_pattern(hf):
+    """The sliding_window_pattern of a config.json's layer_types, else of transformers 4's
+    key (Gemma 3: 6; Gemma 2: 2)."""
+    types = hf.get("layer_types")
+    if types is None:
+        return hf.get("sliding_window_pattern", 6 if hf["model_type"] == "gemma3_text" else 2)
+    check(isinstance(types, list), f"layer_types must be a list, got {types!r}")
+    # One past the first global layer, or past the last layer if all are local.
+    pattern = (types + ["full_attention"]).index("full_attention") + 1
+    ours = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+            for i in range(len(types))]
+    check(types == ours, f"layer_types is {types}: gemma3.py computes every "
+          "sliding_window_pattern-th layer global")
+    return pattern
+
+
+def load_pretrained_weights(model, folder):
+    """Copy a Hugging Face Gemma folder's weights into `model`, a Gemma of its shape: the same
+    names, a tied head perhaps stored once; RoPE's frequencies, which older transformers saved,
+    left out."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        path = path.with_name("pytorch_model.bin")
+    check(path.is_file(),
+          f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
+    # .bin: tensors and plain data only (weights_only), no code run from the file.
+    try:
+        if path.suffix == ".safetensors":
+            weights = safetensors.torch.load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, foreign, ...
+        raise ValueError(f"{path} is corrupt: it cannot be read") from None
+    check(isinstance(weights, dict), f"{path} holds no state dict of weights")
+    ours = {}
+    for name, weight in weights.items():
+        if not name.endswith("rotary_emb.inv_freq"):
+            ours[name] = weight
+    if "model.embed_tokens.weight" in ours:
+        ours["lm_head.weight"] = ours["model.embed_tokens.weight"]  # tied
+    # load_state_dict copies, converting float16 or bfloat16 to the model's float32.
+    try:
+        model.load_state_dict(ours)
+    except RuntimeError as e:  # names or shapes that config.json does not make
+        raise ValueError(f"{folder}'s weights do not fit Gemma as its config.json describes it: "
+                         f"{e}") from None
+    return model
+
+
+def pretrained_tokenizer(folder):
+    """The tokenizer of a Hugging Face folder, checked against its model; None if it has
+    none (tokenizer.json, or vocab.json and merges.txt)."""
+    names = ("tokenizer.json", "vocab.json")
+    if not any((Path(folder) / name).is_file() for name in names):
+        return None
+    tok = bpe.Tokenizer.from_pretrained(folder)
+    vocab_size = config_from_pretrained(folder).vocab_size
+    check(tok.vocab_size <= vocab_size,
+          f"{folder}'s tokenizer has {tok.vocab_size} tokens, its model {vocab_size}: "
+          "the tokenizer and the weights do not belong together")
+    return tok
+
+
+def fine_tuning_config(folder, out_dir, dropout):
+    """`train --init-from`'s config, the folder's (with our dropout); saves its tokenizer
+    as the run's."""
+    config = config_from_pretrained(folder)
+    tok = pretrained_tokenizer(folder)
+    # The corpus becomes bpe.py's token arrays: 2 bytes a token, <|endoftext|> between texts.
+    byte_level = type(tok) is bpe.Tokenizer and bpe.EOT in tok.special_tokens
+    check(byte_level and tok.vocab_size <= bpe.MAX_VOCAB_SIZE,
+          f"train --init-from needs a byte-level BPE with {bpe.EOT}, as bpe.py's: "
+          f"{folder}'s tokenizer is not one")
+    tok_path = Path(out_dir) / "tokenizer.json"
+    ours = not tok_path.exists() or bpe.Tokenizer.load(tok_path).fingerprint == tok.fingerprint
+    check(ours,
+          f"{tok_path} is another tokenizer than {folder}'s: fine-tune into another --out-dir")
+    # Under torchrun the others wait for process 0.
+    if not tok_path.exists() and RANK == 0:
+        tok.save(tok_path)
+    return replace(config, dropout=dropout)
+
+
+def export(model, tok, folder):
+    """Write model and tokenizer as a Hugging Face Gemma 3 folder, or Gemma 2's for a model
+    without QK-norm, --init-from's inverse: config.json, model.safetensors (the same names),
+    tokenizer.json."""
+    folder = Path(folder)
+    config = model.config
+    family = "gemma3_text" if config.qk_norm else "gemma2"
+    hf_config = {theirs: getattr(config, ours) for theirs, ours in CONFIG_KEYS.items()}
+    hf_config.update({key: computed[0] for key, computed in SUPPORTED.items()})
+    hf_config.update(model_type=family, architectures=FAMILIES[family]["architectures"])
+    hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    check(family == "gemma2" or config.attn_logit_softcapping is None,
+          "Gemma 3 has no attention soft-capping: export as Gemma 2 (--qk-norm false)")
+    # transformers 4's keys, which version 5 reads too
+    hf_config["rope_theta"] = config.rope_theta
+    if config.qk_norm:
+        hf_config["rope_local_base_freq"] = config.rope_local_theta
+    if config.rope_scaling:
+        hf_config["rope_scaling"] = {"rope_type": "llama3", **config.rope_scaling}
+    check(config.qk_norm or config.rope_local_theta == config.rope_theta,
+          "Gemma 2 has one RoPE base: export it with rope_local_theta = rope_theta")
+    hf_config["layer_types"] = [
+        "sliding_attention" if is_local(config, layer) else "full_attention"
+        for layer in range(config.n_layer)
+    ]
+    weights = {name: weight.contiguous() for name, weight in model.state_dict().items()}
+    del weights["lm_head.weight"]  # tied: stored once, as embed_tokens
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, "
+          "tokenizer_config.json, vocab.json, merges.txt")
+
+
+def cmd_export(args):
+    """`export`: the run in --out-dir as a Hugging Face Gemma folder."""
+    to = Path(args.to or Path(args.out_dir) / "hf")
+    check(to.resolve() != Path(args.out_dir).resolve(),
+          "--to must be another folder than --out-dir, whose tokenizer.json is the run's")
+    model, tok = load_trained(args.out_dir, torch.device("cpu"))
+    export(model, tok, to)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, reporting a bad flag like any bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_fields(parser, config_class, *names):
+    """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
+    for f in fields(config_class):
+        if names and f.name not in names:
+            continue
+        kind = f.type
+        if not isinstance(kind, type):
+            kind = kind.__args__[0]  # int | None converts with int
+        kind = f.metadata.get("type", kind)
+        default = f.default
+        if callable(f.default_factory):
+            default = f.default_factory()
+        options = dict(type=kind, default=default)
+        if kind is bool:
+            options = dict(action="store_true")
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
+
+
+def cmd_train(args):
+    config = Gemma3Config(**{f.name: getattr(args, f.name) for f in fields(Gemma3Config)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    # The pretrained model's shape replaces the flags'.
+    if cfg.init_from:
+        config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
+    train(config, cfg)
+
+
+def cmd_eval(args):
+    """`eval`: loss and bits per character on a validation split or a file."""
+    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device, args.init_from)
+    check(tok, f"{args.init_from} has no tokenizer: tokenizer.json, or vocab.json")
+    check(args.data or args.text or not args.init_from,
+          "eval --init-from scores --data DIR or --text FILE")
+    if args.text:
+        what = args.text
+        # The end-of-text token first, as in the .bin files.
+        tokens = torch.tensor(tok.encode_prompt(bpe.read_text(args.text)))
+    elif args.data:  # with this tokenizer
+        what = f"validation split of {args.data}"
+        docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        tokens = torch.tensor([id for _, text in docs for id in tok.encode_prompt(text)])
+    else:  # the run's own, as train encoded it
+        what = f"validation split of {args.out_dir}"
+        tokens = load_tokens(Path(args.out_dir) / "val.bin")
+    check(len(tokens) > 1, f"{what} has no token to predict")
+    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    loss, bpc = evaluate(model, batches, char_counts, device)
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character "
+          f"({len(tokens) - 1:,} tokens)")
+
+
+def build_parser():
+    parser = ArgumentParser(prog=f"{MODEL}.py", description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help, run, *run_fields):
+        # No abbreviations: a typo is an error, not another flag (--max-iter).
+        sub = commands.add_parser(name, help=help, allow_abbrev=False,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(run=run)
+        add_fields(sub, TrainConfig, *run_fields)
+        return sub
+
+    add_fields(command("train", "train a model", cmd_train), Gemma3Config)
+    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed",
+                     "device")
+    sample.add_argument("--prompt", help="the text to continue (None: a blank page)")
+    sample.add_argument("--prompt-file", help="the prompt, from this UTF-8 file")
+    sample.add_argument("--prompt-ids", type=int, nargs="+",
+                        help="the prompt as token ids (no tokenizer: ids out too)")
+    sample.add_argument("--max-new-tokens", type=int, default=500,
+                        help="tokens to generate")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="0: greedy; higher: more random")
+    sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    sample.add_argument("--top-p", type=float,
+                        help="sample from the likeliest tokens holding this probability")
+    # Not "(default: True)", which would read as if the cache were off.
+    sample.set_defaults(cache=True)
+    sample.add_argument("--no-cache", dest="cache", action="store_false",
+                        default=argparse.SUPPRESS,
+                        help="generate without the KV-cache (default: with it)")
+    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
+                        "batch_size", "device")
+    eval_args.add_argument("--data",
+                           help="score this corpus's validation split (None: the run's own)")
+    eval_args.add_argument("--text", help="score this UTF-8 file instead")
+    export_args = command("export", "write a run as a Hugging Face Gemma3 folder", cmd_export,
+                          "out_dir")
+    export_args.add_argument("--to", metavar="DIR",
+                             help="the folder to write (None: hf in --out-dir)")
+    return parser
+
+
+def dialogue_prompt(argv):
+    """argv with `--prompt -Да` as `--prompt=-Да`: a line of dialogue starts with a dash,
+    which argparse reads as a flag."""
+    argv = list(argv)
+    for i, value in enumerate(argv[1:]):
+        one_dash = value.startswith("-") and not value.startswith("--")
+        if argv[i] == "--prompt" and one_dash and value != "-h":
+            argv[i : i + 2] = [f"--prompt={value}"]
+            break
+    return argv
+
+
+def main(argv=None):
+    """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser().parse_args(dialogue_prompt(argv))
+    # UTF-8 whatever the console's code page.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+    try:
+        args.run(args)
+    except BrokenPipeError:
+        # `| head` closed the pipe: end quietly, as Unix tools do (devnull for the last flush).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        # CUDA's and MPS's OutOfMemoryError is a RuntimeError; the CPU's, a plain one.
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if not oom and "can't allocate memory" not in str(e):
+            raise
+        print("error: out of memory: try a smaller --batch-size, --block-size or model",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
