@@ -15,7 +15,7 @@ GemmaForCausalLM computes them:
     n_kv_head 1.
 
 Gemma 2 and 3 (logit soft-capping, alternating local and global attention, extra norms)
-are out of scope: they are the next steps.
+are gemma3.py: `diff gemma.py gemma3.py`.
 
     python gemma.py train                  # tokenizer, encoded corpus, then training
     python gemma.py sample --prompt "Мой дядя"

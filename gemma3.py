@@ -9,7 +9,7 @@ these changes, as transformers' Gemma2ForCausalLM and Gemma3ForCausalLM compute 
     layer global: the cache is small where it can be, full where it must be.
   - Sandwich norms: an RMSNorm before and after each sub-layer.
   - Gemma 3's QK-norm, or Gemma 2's soft-capping of the scores and logits.
-  - Two RoPE bases: rope_theta for the global layers, rope_local_theta for the local ones.
+  - Two RoPE bases: rope_theta for the global layers, rope_local_theta.
 
     python gemma3.py train                  # tokenizer, encoded corpus, then training
     python gemma3.py sample --prompt "Мой дядя"
@@ -81,7 +81,7 @@ class Gemma3Config:
     norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
     n_kv_head: int = arg(1, "key/value heads, each shared by n_head // n_kv_head query heads "
                          "(1: multi-query)")
-    rope_theta: float = arg(1e6, "RoPE's base: the slowest pair of features turns "
+    rope_theta: float = arg(1e6, "RoPE's base (global layers): the slowest pair turns "
                             "~1 / rope_theta per position")
     rope_local_theta: float = arg(10000.0, "RoPE's base in the local layers")
     rope_scaling: dict | None = arg(None, "Llama 3's RoPE scaling (llama3_scaling's "
@@ -91,8 +91,8 @@ class Gemma3Config:
                                  "to multiple_of)")
     sliding_window: int = arg(64, "a local layer's reach: the last sliding_window keys")
     sliding_window_pattern: int = arg(6, "every sliding_window_pattern-th layer is global")
-    qk_norm: bool = arg(True, "Gemma 3's QK-norm (false: Gemma 2's model)", type=json.loads)
-    query_pre_attn_scalar: float | None = arg(None, "scores scale by 1/sqrt(it) (None: head_size)")
+    qk_norm: bool = arg(True, "Gemma 3's QK-norm (false, with caps: Gemma 2)", type=json.loads)
+    query_pre_attn_scalar: int | None = arg(None, "scores scale by 1/sqrt(it) (None: head_size)")
     attn_logit_softcapping: float | None = arg(None, "Gemma 2's cap on the attention scores")
     final_logit_softcapping: float | None = arg(None, "Gemma 2's cap on the logits")
 
@@ -133,7 +133,7 @@ class Gemma3Config:
         self.check_gemma2_and_3()
 
     def check_gemma2_and_3(self):
-        """Check the fields Gemma 2 and 3 add."""
+        """Check Gemma 2's and 3's fields; query_pre_attn_scalar None is head_size."""
         check(self.rope_local_theta > 1,
               f"rope_local_theta must be greater than 1, got {self.rope_local_theta}")
         check(isinstance(self.qk_norm, bool), f"qk_norm must be true or false, got {self.qk_norm}")
@@ -178,7 +178,7 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns
     its feature pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m,
     then back by n, is turning by m - n: the score q_m . k_n depends on m - n only, and
-    nothing is learned. Gemma 3 has two, rope_theta's (global) and rope_local_theta's."""
+    nothing is learned. Gemma 3 has two bases."""
 
     def __init__(self, config, rope_theta, rope_scaling=None):
         super().__init__()
@@ -278,8 +278,8 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store a layer's k, v (B, n_kv_head, T, head_size) at pos and return those its
-        queries see (B, n_kv_head, T_k, head_size): all so far, or see roll; Gemma3.forward
-        advances pos once every layer has stored."""
+        queries see (B, n_kv_head, T_k, head_size): a global layer's all so far, a local one's
+        see roll. Gemma3.forward advances pos once every layer has stored."""
         if self.local[layer]:
             return self.roll(layer, k, v)
         end = self.pos + k.size(2)
@@ -288,15 +288,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def roll(self, layer, k, v):
-        """A local layer's update, mistral.py's: for one token the ring in slot order, for
-        a chunk the cached last W - 1 positions and its own, in order."""
+        """A local layer's update, mistral.py's rolling buffer: position p in slot p % W.
+        Returns the last W - 1 cached positions and the new ones, in order."""
         W = self.window
         T = k.size(2)
-        # Decoding: the ring as it is, min(pos + 1, W) slots, all in the window.
-        if T == 1:
-            self.k[layer][:, :, self.pos % W] = k[:, :, 0]
-            self.v[layer][:, :, self.pos % W] = v[:, :, 0]
-            return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
         # The slots of the last W - 1 positions, oldest first.
         kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W
         k_all = torch.cat([self.k[layer][:, :, kept], k], dim=2)  # (B, n_kv_head, T_k, head_size)
@@ -312,8 +307,7 @@ class CausalSelfAttention(nn.Module):
     """Masked grouped-query self-attention (Ainslie et al., 2023): each group of
     n_head / n_kv_head query heads shares a key and value head (n_kv_head = n_head: GPT-2's
     multi-head; 1: multi-query), turned by RoPE. The heads are head_size wide whatever n_embd
-    is: o_proj maps n_head * head_size back to n_embd. A global layer's window is the
-    whole context."""
+    is: o_proj maps n_head * head_size back to n_embd."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -331,8 +325,7 @@ class CausalSelfAttention(nn.Module):
         # joined heads -> residual stream
         self.o_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.o_proj.residual_projection = True  # GPT-2's scaled init: see Gemma3._init_weights
-        # Gemma 3's QK-norm: queries and keys at a learned RMS, so no score grows without
-        # bound with the weights (Gemma 2's soft-capping's job).
+        # Gemma 3's QK-norm: no score grows without bound with the weights (Gemma 2 caps).
         self.q_norm = nn.Identity()
         self.k_norm = nn.Identity()
         if config.qk_norm:
@@ -382,8 +375,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One Transformer layer, sandwiched: x + RMSNorm(Attn(RMSNorm(x))), then
-    x + RMSNorm(MLP(RMSNorm(x))). The stream is never normalised, as in Pre-norm, but no
-    sub-layer can add more than its output norm's gain allows."""
+    x + RMSNorm(MLP(RMSNorm(x))). The stream is never normalised, as in Pre-norm, but each
+    sub-layer adds at most its output norm's gain."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -456,6 +449,11 @@ class Gemma3(nn.Module):
         # Tied, as GPT-2's: 0.79 B parameters fewer at 7B.
         self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
+        # GPT-2's scaled init on the output norms' gains, which set each sub-layer's share of
+        # the stream: Gemma's 1 drowns the embeddings at this width.
+        for block in self.model.layers:
+            for norm in (block.post_attention_layernorm, block.post_feedforward_layernorm):
+                nn.init.constant_(norm.weight, 1 / math.sqrt(2 * self.config.n_layer) - 1)
 
     def _init_weights(self, module):
         """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual
@@ -521,7 +519,7 @@ class Gemma3(nn.Module):
         as RoPE's scores see relative ones only: from the second layer on each key and value
         depends on the token that just left. So it is re-filled from the window at each step:
         as slow as no cache, but exact, where a sliding cache would compute another model.
-        Only the global layers need it: mistral.py's local ones do not.
+        Every layer is: a local layer above a global one depends on it.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()
@@ -1047,7 +1045,7 @@ CONFIG_KEYS = {
     "attn_logit_softcapping": "attn_logit_softcapping",
     "final_logit_softcapping": "final_logit_softcapping",
 }
-# Gemma 3's and Gemma 2's model_type: their class, and their defaults where they differ.
+# model_type: the class, and transformers' defaults that differ.
 FAMILIES = {
     "gemma3_text": dict(architectures=["Gemma3ForCausalLM"], final_logit_softcapping=None),
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], attn_logit_softcapping=50.0,
@@ -1091,7 +1089,7 @@ def config_from_pretrained(folder):
         **FAMILIES[family],
     }
     hf = {**defaults, **hf}
-    # Gemma 3 computes no attention soft-capping, whatever its config.json says.
+    # Gemma 3 ignores attn_logit_softcapping.
     if family == "gemma3_text":
         hf["attn_logit_softcapping"] = None
     # No window: the same model as a window of all positions.
@@ -1109,19 +1107,21 @@ def config_from_pretrained(folder):
 
 
 def rope_of_layers(hf):
-    """rope_theta, rope_local_theta and rope_scaling of a config.json: transformers 5's
-    rope_parameters, per layer type (Gemma 3) or for all (Gemma 2), else version 4's keys."""
+    """rope_theta, rope_local_theta and rope_scaling of a config.json, in transformers 5's
+    keys or 4's."""
     gemma3 = hf["model_type"] == "gemma3_text"
     params = hf.get("rope_parameters") or {}
-    full = params.get("full_attention", params)
-    sliding = params.get("sliding_attention", params)
+    full = {**params.get("full_attention", params), **(hf.get("rope_scaling") or {})}
+    sliding = params.get("sliding_attention", {})
+    rope_type = full.get("rope_type", full.get("type", "default"))
+    # Scaling the global layers only is Gemma 3's, not Gemma 2's.
+    scaled = gemma3 and rope_type == "llama3"
+    check(rope_type == "default" or scaled,
+          f"it asks for RoPE scaling {rope_type!r}, which gemma3.py does not compute")
+    check(sliding.get("rope_type", "default") == "default", "its local RoPE is scaled")
     scaling = None
-    for rope in (hf.get("rope_scaling") or {}, full, sliding):
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        check(rope_type in ("default", "llama3") and (rope is full or rope_type == "default"),
-              f"it asks for RoPE scaling {rope_type!r}, which gemma3.py does not compute")
-        if rope_type == "llama3":
-            scaling = {key: rope.get(key) for key in LLAMA3_SCALING}
+    if scaled:
+        scaling = {key: full.get(key) for key in LLAMA3_SCALING}
     rope_theta = full.get("rope_theta", hf.get("rope_theta", 1e6 if gemma3 else 1e4))
     # Gemma 2 has one base for all layers.
     local_theta = rope_theta
@@ -1131,13 +1131,15 @@ def rope_of_layers(hf):
 
 
 def window_pattern(hf):
-    """The sliding_window_pattern of a config.json's layer_types, else of transformers 4's
-    key (Gemma 3: 6; Gemma 2: 2)."""
+    """The sliding_window_pattern of a config.json's layer_types (or older key)."""
     types = hf.get("layer_types")
+    # Gemma 2 alternates
+    if types is None and hf["model_type"] == "gemma2":
+        return 2
     if types is None:
-        return hf.get("sliding_window_pattern", 6 if hf["model_type"] == "gemma3_text" else 2)
-    check(isinstance(types, list), f"layer_types must be a list, got {types!r}")
-    # One past the first global layer, or past the last layer if all are local.
+        return hf.get("sliding_window_pattern", 6)
+    check(isinstance(types, list), "layer_types is not a list")
+    # One past the first global layer, or past the last if all are local.
     pattern = (types + ["full_attention"]).index("full_attention") + 1
     ours = ["sliding_attention" if (i + 1) % pattern else "full_attention"
             for i in range(len(types))]
@@ -1220,20 +1222,23 @@ def export(model, tok, folder):
     folder = Path(folder)
     config = model.config
     family = "gemma3_text" if config.qk_norm else "gemma2"
+    check(family == "gemma2" or config.attn_logit_softcapping is None,
+          "Gemma 3 has no attention soft-capping (Gemma 2: --qk-norm false)")
+    one_rope = config.rope_local_theta == config.rope_theta and not config.rope_scaling
+    check(family == "gemma3_text" or one_rope,
+          "Gemma 2 has one RoPE for all layers")
+    check(config.n_embd % config.n_head == 0, "transformers' Gemma needs n_head to divide n_embd")
     hf_config = {theirs: getattr(config, ours) for theirs, ours in CONFIG_KEYS.items()}
     hf_config.update({key: computed[0] for key, computed in SUPPORTED.items()})
     hf_config.update(model_type=family, architectures=FAMILIES[family]["architectures"])
     hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    check(family == "gemma2" or config.attn_logit_softcapping is None,
-          "Gemma 3 has no attention soft-capping: export as Gemma 2 (--qk-norm false)")
-    # transformers 4's keys, which version 5 reads too
+    # transformers 4's keys; 5 reads them too
     hf_config["rope_theta"] = config.rope_theta
     if config.qk_norm:
         hf_config["rope_local_base_freq"] = config.rope_local_theta
+        hf_config["sliding_window_pattern"] = config.sliding_window_pattern
     if config.rope_scaling:
         hf_config["rope_scaling"] = {"rope_type": "llama3", **config.rope_scaling}
-    check(config.qk_norm or config.rope_local_theta == config.rope_theta,
-          "Gemma 2 has one RoPE base: export it with rope_local_theta = rope_theta")
     hf_config["layer_types"] = [
         "sliding_attention" if is_local(config, layer) else "full_attention"
         for layer in range(config.n_layer)

@@ -202,7 +202,7 @@ def test_a_model_without_qk_norm_exports_as_gemma2(tmp_path, capsys):
     idx = torch.randint(0, tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(theirs(idx).logits, model(idx)[0], atol=1e-4)
-    for bad, key in [(dict(rope_local_theta=1e4), "RoPE base"), (dict(qk_norm=True), "soft-capping")]:
+    for bad, key in [(dict(rope_local_theta=1e4), "one RoPE"), (dict(qk_norm=True), "soft-capping")]:
         with pytest.raises(ValueError, match=key):
             gemma3.export(Gemma3(replace(config, **bad)), tok, tmp_path / "x")
     assert not (tmp_path / "x").exists()  # refused before anything is written
