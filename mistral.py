@@ -149,7 +149,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_embd))
 
     def forward(self, x):
-        # In float32 even under bfloat16 autocast, as Hugging Face's LLaMA: a mean of squares.
+        # In float32 even under bfloat16 autocast: a mean of squares.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * x32.type_as(x)
@@ -201,9 +201,8 @@ def llama3_scaling(inv_freq, factor, low_freq_factor, high_freq_factor,
 
 def apply_rope(x, cos, sin):
     """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin,
-    x2 cos + x1 sin). Which features pair up is a convention; the two are one model, up to
-    the order of each head's rows in q_proj and k_proj (evens, then odds: how Hugging Face's
-    conversion script turns Meta's weights into theirs).
+    x2 cos + x1 sin). Which features pair up is a convention, the same model up to the order
+    of q_proj's and k_proj's rows (evens, then odds: Hugging Face's conversion of Meta's).
         Meta's code:          (x0 x1) (x2 x3) (x4 x5) (x6 x7)   neighbours, as complex numbers
         Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, ..."""
     x1, x2 = x.chunk(2, dim=-1)  # each (B, heads, T, head_size / 2)
@@ -211,8 +210,7 @@ def apply_rope(x, cos, sin):
 
 
 # The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for
-# sliding_window = W (its masking_utils keeps key j for query i where j > i - W and
-# j <= i): query i sees the keys i - W < j <= i, W of them, its own included. Stacked
+# sliding_window = W: query i sees the keys i - W < j <= i, W of them, its own included. Stacked
 # layers reach further: layer 1's output at j already mixes the tokens back to
 # j - (W - 1), so layer 2's at i mixes those back to i - 2 (W - 1), and the last
 # layer's logits see n_layer * (W - 1) positions back, as a deep CNN's receptive field
@@ -458,12 +456,11 @@ class Mistral(nn.Module):
         prompt in chunks of sliding_window tokens (chunked prefill), the others one token
         each.
 
-        No re-fill past block_size. gpt2.py and llama.py re-fill their caches from the
-        cropped window at each step: there a query sees every token before it, so
-        cropping the oldest changes every key and value from the second layer on. Here a
-        query never sees further back than sliding_window, and RoPE's scores depend on
-        distances only: a key or value, once computed, stays the full forward's at any
-        length, and the rolling cache computes exactly the uncropped model.
+        No re-fill past block_size, where gpt2.py and llama.py re-fill: there cropping the
+        oldest token changes every key and value from the second layer on. Here no query sees
+        further back than sliding_window, and RoPE's scores depend on distances only: a key
+        or value, once computed, stays the full forward's, and the rolling cache computes
+        exactly the uncropped model.
         """
         check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
         B, T = idx.size()
@@ -499,8 +496,8 @@ def load_tokens(path):
 
 
 def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
-    """Random windows x (B, block_size) and targets y, one token on. Each process keeps its
-    share of all starts, so the generators stay in step."""
+    """Random windows x (B, block_size) and targets y, one token on. Each process takes its
+    row of one draw, so the generators stay in step."""
     starts = torch.randint(len(tokens) - block_size, (world_size, batch_size),
                            generator=generator)
     ours = starts[rank]  # (B,)
@@ -544,11 +541,11 @@ class TrainConfig:
     data: str = field(default_factory=bpe.default_data_dir,
                       metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
     out_dir: str = arg(f"checkpoints/{MODEL}",
-                       "the run's folder: tokenizer.json, train/val.bin, ckpt.pt, log.csv")
+                       "the run's folder: tokenizer, token arrays, ckpt.pt, log.csv")
     batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
     lr: float = arg(3e-3, "peak learning rate, after warmup")
     warmup_iters: int = arg(200, "steps of linear warmup")
-    max_iters: int = arg(900, "optimizer steps: about 30 minutes on 2 CPU cores")
+    max_iters: int = arg(900, "optimizer steps: ~30 minutes on 2 CPU cores")
     weight_decay: float = arg(0.1, "AdamW's weight decay, on weight matrices only")
     grad_clip: float = arg(1.0, "clip gradients to this global norm (0: off)")
     eval_interval: int = arg(100, "steps between evaluations and checkpoints")
@@ -556,12 +553,11 @@ class TrainConfig:
     max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h",
                                  type=duration)
     seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: an accelerator, else cpu)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: an accelerator if any)")
     dtype: str = arg("auto", "bfloat16 or float32 matmuls (auto: bfloat16 where supported)")
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue the run in out_dir")
-    init_from: str | None = arg(None, "a Hugging Face Mistral folder to start from, instead of "
-                                "random weights")
+    init_from: str | None = arg(None, "a Hugging Face Mistral folder to start from")
 
     def __post_init__(self):
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
@@ -604,7 +600,7 @@ def get_lr(step, cfg, elapsed=0.0):
 
 
 def train_step(model, optimizer, x, y, grad_clip, autocast):
-    """One optimizer step on x, y (B, T); returns the loss, on the device. DDP's backward()
+    """One optimizer step on x, y (B, T); the loss, on the device. DDP's backward()
     averages the gradients."""
     with autocast:
         _, loss = model(x, y)
@@ -618,7 +614,7 @@ def train_step(model, optimizer, x, y, grad_clip, autocast):
 
 @torch.no_grad()
 def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
-    """Mean loss per token (nats) and bits per character over batches of (x, y) and
+    """Mean loss per token (nats) and bits per character over batches of (x, y), in all
     processes; char_counts (vocab_size,): each token's characters."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
@@ -671,13 +667,13 @@ def save_checkpoint(path, run, max_time=None):
 
 def load_checkpoint(path):
     """The model, tokenizer and checkpoint dict of the run at path (ckpt.pt, tokenizer.json
-    beside it), or a one-sentence ValueError."""
+    beside it)."""
     check(path.is_file(),
           f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
     # Plain data only: no code runs from the file.
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a foreign pickle, ...
+    except Exception:  # truncated, foreign, ...
         raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
     kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     check(kind, f"{path} is no checkpoint")
@@ -760,7 +756,7 @@ def prepare_data(config, cfg, log):
     # A released model brings its own tokenizer.
     if cfg.init_from:
         vocab_size = None
-    # bpe.run_tokenizer reuses one made here for this text and size.
+    # A tokenizer made here for this text and size is reused.
     tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log,
                                                    resume=cfg.resume)
     if WORLD_SIZE > 1 and RANK == 0:
@@ -776,7 +772,7 @@ def prepare_data(config, cfg, log):
 
 
 def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
-    """Evaluate both splits on the same batches each time, for comparable numbers, and log;
+    """Evaluate both splits on the same batches each time, so that numbers compare, and log;
     process 0 saves the checkpoint and a log.csv row."""
     block_size = run.model.config.block_size
     char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
@@ -795,7 +791,7 @@ def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
               f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
               f"elapsed {timedelta(seconds=round(run.elapsed))} | "
               f"ETA {timedelta(seconds=round(max(0, eta)))}")
-    # The last update may have made the weights NaN: then no save.
+    # The weights may be NaN now: then no save.
     check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
     if RANK == 0:
         save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
@@ -828,14 +824,14 @@ def train_loop(run, model, splits, cfg, autocast, log):
             tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
             elapsed = elapsed_before + time.time() - start
             stopping = bool(stop) or elapsed > budget
-            # One process's stop or NaN (a sum keeps it) stops all, lest the rest wait forever.
-            # Process 0's clock sets the lr.
+            # One process's stop or NaN (a sum keeps it) stops all, lest the rest wait
+            # forever. Process 0's clock sets the lr.
             status = torch.tensor([stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)],
                                   device=device)
             if WORLD_SIZE > 1:
                 dist.all_reduce(status)
             stopping, loss, run.elapsed = status.tolist()
-            # No way back from NaN or inf: the last checkpoint stays.
+            # No way back from NaN: the last checkpoint stays.
             check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
             if run.step == first_step + 1 or run.step % 10 == 0:
                 progress = f"{run.step}/{cfg.max_iters}"
@@ -853,7 +849,7 @@ def train_loop(run, model, splits, cfg, autocast, log):
 def train(config, cfg):
     """Train a Mistral of shape `config` on cfg.data into cfg.out_dir; DDP under torchrun."""
     device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    # An out_dir we cannot write fails now, not after the BPE.
+    # An out_dir we cannot write fails now, before the BPE.
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=cfg.out_dir).close()
     log = print if RANK == 0 else lambda *args: None
@@ -872,11 +868,11 @@ def train(config, cfg):
     run = Run(raw_model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
     if checkpoint:
         restore(run, checkpoint, ckpt_path)
-        # The run's time budget, unless given a new one.
+        # The run's budget, unless given a new one.
         cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
         log(f"resuming from {ckpt_path} at step {run.step}")
     elif cfg.init_from:
-        # Fine-tuning: start from the released weights.
+        # Fine-tuning.
         load_pretrained_weights(raw_model, cfg.init_from)
     if not checkpoint and RANK == 0:
         columns = "step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s"
@@ -893,7 +889,7 @@ def train(config, cfg):
     try:
         stopped = train_loop(run, model, splits, cfg, autocast, log)
         if WORLD_SIZE > 1:
-            # One process leaving the group early can abort another.
+            # One process leaving early can abort another.
             dist.barrier()
     finally:
         if WORLD_SIZE > 1:
@@ -910,7 +906,7 @@ def train(config, cfg):
 
 
 def load_trained(out_dir, device, init_from=None):
-    """The model and tokenizer of the run in out_dir, or of the Hugging Face folder init_from."""
+    """The model and tokenizer of the run in out_dir, or of the folder init_from."""
     if init_from:
         model = Mistral.from_pretrained(init_from)
         tok = pretrained_tokenizer(init_from)
@@ -935,7 +931,7 @@ def cmd_sample(args):
     prompt = args.prompt or ""
     # Bytes that are not UTF-8 reach argv as lone surrogates (PEP 383).
     check(not any("\udc80" <= c <= "\udcff" for c in prompt),
-          "the prompt is not UTF-8, nor perhaps the terminal: pass it in a file, --prompt-file")
+          "the prompt is not UTF-8, nor perhaps the terminal: use --prompt-file")
     if args.prompt_file:
         prompt = bpe.read_text(args.prompt_file)
     ids = args.prompt_ids or tok.encode_prompt(prompt)
@@ -1048,14 +1044,13 @@ def config_from_pretrained(folder):
 
 def load_pretrained_weights(model, folder):
     """Copy a Hugging Face Mistral folder's weights into `model`, a Mistral of its shape: the same
-    names, a tied head perhaps stored once; RoPE's frequencies, which older transformers saved,
-    left out."""
+    names, a tied head perhaps stored once; RoPE's saved frequencies left out."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         path = path.with_name("pytorch_model.bin")
     check(path.is_file(),
           f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
-    # .bin: tensors and plain data only (weights_only), no code run from the file.
+    # .bin: plain data only (weights_only), no code run from the file.
     try:
         if path.suffix == ".safetensors":
             weights = safetensors.torch.load_file(path)
@@ -1070,7 +1065,7 @@ def load_pretrained_weights(model, folder):
             ours[name] = weight
     if model.config.tie_embeddings and "model.embed_tokens.weight" in ours:
         ours["lm_head.weight"] = ours["model.embed_tokens.weight"]  # tied
-    # load_state_dict copies, converting float16 or bfloat16 to the model's float32.
+    # load_state_dict copies, converting to the model's float32.
     try:
         model.load_state_dict(ours)
     except RuntimeError as e:  # names or shapes that config.json does not make
@@ -1131,8 +1126,7 @@ def export(model, tok, folder):
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     tok.save_pretrained(folder)
-    print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, "
-          "tokenizer_config.json, vocab.json, merges.txt")
+    print(f"wrote {folder}:", *sorted(path.name for path in folder.iterdir()))
 
 
 def cmd_export(args):
@@ -1156,7 +1150,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_fields(parser, config_class, *names):
-    """A flag for each field of config_class (or the named ones): --n-layer for n_layer."""
+    """A flag for each field of config_class (or the named ones): --n-layer, n_layer."""
     for f in fields(config_class):
         if names and f.name not in names:
             continue
@@ -1228,8 +1222,7 @@ def build_parser():
     sample.add_argument("--prompt-file", help="the prompt, from this UTF-8 file")
     sample.add_argument("--prompt-ids", type=int, nargs="+",
                         help="the prompt as token ids (no tokenizer: ids out too)")
-    sample.add_argument("--max-new-tokens", type=int, default=500,
-                        help="tokens to generate")
+    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
     sample.add_argument("--temperature", type=float, default=0.8,
                         help="0: greedy; higher: more random")
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
@@ -1253,8 +1246,8 @@ def build_parser():
 
 
 def dialogue_prompt(argv):
-    """argv with `--prompt -Да` as `--prompt=-Да`: a line of dialogue starts with a dash,
-    which argparse reads as a flag."""
+    """argv with `--prompt -Да` as `--prompt=-Да`: argparse reads a line of dialogue,
+    which starts with a dash, as a flag."""
     argv = list(argv)
     for i, value in enumerate(argv[1:]):
         one_dash = value.startswith("-") and not value.startswith("--")
@@ -1266,23 +1259,21 @@ def dialogue_prompt(argv):
 
 def main(argv=None):
     """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
-    if argv is None:
-        argv = sys.argv[1:]
-    args = build_parser().parse_args(dialogue_prompt(argv))
+    args = build_parser().parse_args(dialogue_prompt(sys.argv[1:] if argv is None else argv))
     # UTF-8 whatever the console's code page.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         args.run(args)
     except BrokenPipeError:
-        # `| head` closed the pipe: end quietly, as Unix tools do (devnull for the last flush).
+        # `| head` closed the pipe: end quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except (RuntimeError, MemoryError) as e:
-        # CUDA's and MPS's OutOfMemoryError is a RuntimeError; the CPU's, a plain one.
+        # The CPU's is a plain RuntimeError, CUDA's and MPS's a subclass.
         oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
         if not oom and "can't allocate memory" not in str(e):
             raise

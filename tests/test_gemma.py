@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama import assert_init_from_refuses, edit_config
+from test_llama import assert_greedy_ids_equal_generate, assert_init_from_refuses, edit_config
 
 import bpe
 import gemma
@@ -192,12 +192,7 @@ def test_logits_equal_transformers_gemma(kwargs, edits, tmp_path):
 
 def test_greedy_text_equals_transformers_generate_also_through_init_from(tmp_path, capsys):
     reference = hf_gemma(tmp_path, num_key_value_heads=2).double()
-    prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    expected = reference.generate(prompt, max_new_tokens=11, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(Gemma.from_pretrained(tmp_path).double().generate(prompt, 11, temperature=0), expected)
-    code, out, _ = run_main(gemma, capsys, "sample", "--init-from", tmp_path, "--prompt-ids", 3, 1, 4, 1, 5,
-                            "--max-new-tokens", 11, "--temperature", 0, "--device", "cpu")
-    assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
+    assert_greedy_ids_equal_generate(gemma, Gemma, reference, tmp_path, capsys)
 
 
 def test_train_init_from_starts_from_the_reference(trained, corpus, tmp_path, capsys):

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import randomize, run_main
+from conftest import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama import assert_init_from_refuses, edit_config
+from test_llama import assert_greedy_ids_equal_generate, assert_init_from_refuses, edit_config
 
 import bpe
 import gemma3
@@ -152,12 +152,7 @@ def test_logits_equal_transformers(family, kwargs, tmp_path):
 def test_greedy_text_past_the_window_equals_transformers_generate_also_through_init_from(family, kwargs, tmp_path,
                                                                                           capsys):
     reference = hf_gemma3(tmp_path, family, **kwargs).double()
-    prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    expected = reference.generate(prompt, max_new_tokens=11, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(Gemma3.from_pretrained(tmp_path).double().generate(prompt, 11, temperature=0), expected)
-    code, out, _ = run_main(gemma3, capsys, "sample", "--init-from", tmp_path, "--prompt-ids", 3, 1, 4, 1, 5,
-                            "--max-new-tokens", 11, "--temperature", 0, "--device", "cpu")
-    assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
+    assert_greedy_ids_equal_generate(gemma3, Gemma3, reference, tmp_path, capsys)
 
 
 def test_transformers_4_keys_read_as_transformers_reads_them(tmp_path):

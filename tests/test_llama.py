@@ -280,6 +280,18 @@ def assert_init_from_refuses(module, folder, key, capsys):
     assert one_line_error(code, err, key), err
 
 
+def assert_greedy_ids_equal_generate(module, model_class, reference, folder, capsys):
+    """After the prompt 3 1 4 1 5, transformers' greedy generate of `reference` (saved in folder) gives the 11
+    ids that model_class.from_pretrained(folder) generates in float64, and that `sample --init-from folder
+    --prompt-ids` prints."""
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    expected = reference.generate(prompt, max_new_tokens=11, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(model_class.from_pretrained(folder).double().generate(prompt, 11, temperature=0), expected)
+    code, out, _ = run_main(module, capsys, "sample", "--init-from", folder, "--prompt-ids", 3, 1, 4, 1, 5,
+                            "--max-new-tokens", 11, "--temperature", 0, "--device", "cpu")
+    assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
+
+
 def no_weights(folder):
     (folder / "model.safetensors").unlink()
 

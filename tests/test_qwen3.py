@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import randomize, run_main
+from conftest import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gemma import HEAD_SHAPES, IMPOSSIBLE_HEADS, assert_caches_as_the_full_forward
-from test_llama import assert_init_from_refuses, edit_config, hf_llama
+from test_llama import assert_greedy_ids_equal_generate, assert_init_from_refuses, edit_config, hf_llama
 
 import qwen3
 from qwen3 import Qwen3, Qwen3Config
@@ -95,12 +95,7 @@ def test_logits_equal_transformers_qwen3(kwargs, tmp_path):
 
 def test_greedy_text_equals_transformers_generate_also_through_init_from(tmp_path, capsys):
     reference = hf_qwen3(tmp_path, tie_word_embeddings=True).double()
-    prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    expected = reference.generate(prompt, max_new_tokens=11, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(Qwen3.from_pretrained(tmp_path).double().generate(prompt, 11, temperature=0), expected)
-    code, out, _ = run_main(qwen3, capsys, "sample", "--init-from", tmp_path, "--prompt-ids", 3, 1, 4, 1, 5,
-                            "--max-new-tokens", 11, "--temperature", 0, "--device", "cpu")
-    assert code == 0 and out.split() == [str(id) for id in expected[0].tolist()]
+    assert_greedy_ids_equal_generate(qwen3, Qwen3, reference, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("left_out", [["head_dim"], ["num_key_value_heads"], ["rope_theta", "rope_parameters"]])
