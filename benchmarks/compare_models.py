@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 MODELS = {  # file: (config class, model class)
     "gpt1": ("GPTConfig", "GPT"), "gpt2": ("GPTConfig", "GPT"), "llama": ("LlamaConfig", "Llama"),
     "mistral": ("MistralConfig", "Mistral"), "mixtral": ("MixtralConfig", "Mixtral"), "gemma": ("GemmaConfig", "Gemma"),
-    "qwen3": ("Qwen3Config", "Qwen3"), "gemma3": ("Gemma3Config", "Gemma3"),
+    "qwen3": ("Qwen3Config", "Qwen3"), "gemma3": ("Gemma3Config", "Gemma3"), "deepseek": ("DeepSeekConfig", "DeepSeek"),
 }
 QUICK = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)  # where a config has them
 
@@ -76,12 +76,15 @@ def active_params(model, config):
 def cache_bytes(module, config):
     """The KV-cache's bytes per token of context, and in all for a text of 4 x block_size tokens:
     gpt2.py and llama.py re-fill a block_size cache past the context, mistral.py rolls a window,
-    gemma3.py does both, layer by layer: per token of the longest layer's slots."""
+    gemma3.py does both, layer by layer: per token of the longest layer's slots. Its buffers are
+    the lists the cache holds (keys and values, or deepseek.py's latents), slots along dim -2."""
     if not hasattr(module, "KVCache"):
         return None, None
     cache = module.KVCache(config, 1, torch.device("cpu"), torch.float32)
-    total = sum(t.nbytes for t in cache.k + cache.v)
-    slots = max(k.size(2) for k in cache.k)
+    lists = [value for value in vars(cache).values() if isinstance(value, list)]
+    buffers = [t for value in lists for t in value if isinstance(t, torch.Tensor)]
+    total = sum(t.nbytes for t in buffers)
+    slots = max(t.size(-2) for t in buffers)
     return total // slots, total * min(1, 4 * config.block_size / slots)
 
 

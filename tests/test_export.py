@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "gemma3": "Gemma3ForCausalLM"}
+            "gemma3": "Gemma3ForCausalLM", "deepseek": "DeepseekV3ForCausalLM"}
 PROMPT = "Мой дядя самых честных правил"
 
 
@@ -66,9 +66,13 @@ def test_fine_tuning_from_the_export_starts_from_its_weights(exported, corpus, t
     code, _, err = run_main(module, capsys, *train_args(corpus, out_dir, "--init-from", folder,
                                                         "--max-iters", 1, "--lr", "1e-9"))
     assert code == 0, err
-    tuned = module.load_trained(out_dir, torch.device("cpu"))[0].state_dict()
+    tuned = module.load_trained(out_dir, torch.device("cpu"))[0]
     start = module.load_trained(run, torch.device("cpu"))[0].state_dict()
-    assert all(torch.allclose(w, start[name], atol=1e-6) for name, w in tuned.items())
+    # deepseek.py's routing biases move by bias_update_speed a step, whatever the learning rate.
+    speed = getattr(tuned.config, "bias_update_speed", 0.0)
+    for name, w in tuned.state_dict().items():
+        atol = speed + 1e-6 if name.endswith("e_score_correction_bias") else 1e-6
+        assert torch.allclose(w, start[name], atol=atol), name
     assert bpe.Tokenizer.load(out_dir / "tokenizer.json").fingerprint == \
         bpe.Tokenizer.load(run / "tokenizer.json").fingerprint
 

@@ -64,7 +64,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3", "gemma3"]
+MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "deepseek", "gemma", "qwen3", "gemma3"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -77,6 +77,10 @@ TABLE = {
     "mixtral": Model("mixtral", "MixtralConfig", "Mixtral", "Mixtral", cache=True, window=True,
                      tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5, n_expert=4), sibling="mistral",
                      own_only=("balance", "expert_share", "active")),  # the log: aux loss, expert shares, active params
+    "deepseek": Model("deepseek", "DeepSeekConfig", "DeepSeek", "DeepSeek", cache=True,
+                      tiny=dict(multiple_of=8, n_expert=4, n_expert_per_token=2, n_group=2, topk_group=1,
+                                first_k_dense=0),
+                      sibling="mixtral", own_only=("balance", "expert_share", "active", "update_bias")),
     "gemma": Model("gemma", "GemmaConfig", "Gemma", "Gemma", cache=True, tiny=dict(multiple_of=8), sibling="llama"),
     "qwen3": Model("qwen3", "Qwen3Config", "Qwen3", "Qwen3", cache=True, tiny=dict(n_kv_head=2, multiple_of=8),
                    sibling="llama", own_only=("prompt_ids", "prompt-ids", "if tok", "tok and", "check(tok,")),

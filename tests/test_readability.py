@@ -70,7 +70,10 @@ PAIRS = [pair for pair in DIFF_BUDGETS if all((ROOT / name).exists() for name in
 # The files that break a rule today, while the readability issue is still open. Each entry
 # goes when its file is mended; the marks are strict, so a mended file fails until it goes.
 NOT_YET = {
-    "rule6": {"gpt1.py", "gpt2.py", "llama.py", "mistral.py", "mixtral.py", "gemma.py", "bpe.py"},
+    "rule6": {"gpt1.py", "bpe.py"},
+    # mixtral.py -> deepseek.py: MLA and DeepSeekMoE replace Mixtral's attention, window and
+    # router: about 720 changed lines against 500 (see the issue's note).
+    "rule7": {("mixtral.py", "deepseek.py")},
 }
 
 
@@ -338,7 +341,7 @@ def test_rule6_character_budget(name):
         f"{n_chars - CHAR_BUDGETS[name]:,} over its {CHAR_BUDGETS[name]:,}")
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids="->".join)
+@pytest.mark.parametrize("pair", marked(PAIRS, "rule7"), ids="->".join)
 def test_rule7_diff_budget(pair):
     n_changed = changed_lines(*(lines_of(source(name)) for name in pair))
     assert n_changed <= DIFF_BUDGETS[pair], (

@@ -9,6 +9,7 @@ import families
 import pytest
 import torch
 from conftest import one_line_error, run_main
+from test_deepseek import hf_deepseek
 from test_gemma import hf_gemma
 from test_gemma3 import hf_gemma3
 from test_llama import LLAMA3_ROPE, hf_llama
@@ -44,6 +45,7 @@ RELEASED = {
     "qwen3": ("qwen3", "qwen", hf_qwen3, dict(tie_word_embeddings=True)),
     "gemma3": ("gemma3", "gemma", hf_gemma3, {}),
     "gemma2": ("gemma3", "gemma", hf_gemma3, dict(family="Gemma2")),
+    "deepseek": ("deepseek", "deepseek", hf_deepseek, {}),
 }
 PROMPT = "Мой дядя самых честных правил, hello 2024"
 
