@@ -10,11 +10,10 @@ writer, its metadata keys and its map from Hugging Face's tensor names to llama.
     python hf_to_gguf.py llama-hf llama.gguf [--dtype f16]
     llama-cli -m llama.gguf -p "Мой дядя"
 
-Architectures: gpt2 (gpt2.py), llama (llama.py and mistral.py, and mixtral.py, which
-llama.cpp runs as llama with experts), gemma (gemma.py), qwen3 (qwen3.py), and gemma3 and
-gemma2 (gemma3.py, with their local windows). Where llama.cpp would compute another model
-than ours, the folder is refused, never written. Within the context, that is: past it,
-llama.cpp attends to every key, where our models crop or slide their window.
+Architectures: gpt2, llama (llama.py, mistral.py, and mixtral.py as llama with experts),
+gemma, qwen3, gemma3 and gemma2 (gemma3.py), and gpt-oss. Where llama.cpp would compute
+another model than ours, the folder is refused, never written. Within the context, that
+is: past it, llama.cpp attends to every key, where our models crop or slide their window.
 """
 
 import argparse
@@ -43,6 +42,7 @@ ARCHITECTURES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma2": "gemma2",
+    "gpt_oss": "gpt-oss",
 }
 # Gemma 2 and 3: layers with windows, and llama.cpp's Gemma norms (1 + w stored as w).
 SWA = ("gemma2", "gemma3")
@@ -86,11 +86,14 @@ def check_computable(arch, config):
     context = config.get("max_position_embeddings") or config.get("n_positions")
     window = config.get("sliding_window")
     # llama.cpp's llama has no window: past it, it would attend to keys ours does not.
-    check(arch in SWA or window is None or window >= context,
+    check(arch in (*SWA, "gpt-oss") or window is None or window >= context,
           f"sliding_window {window} is shorter than the context ({context}): llama.cpp's llama "
-          "architecture attends to the whole context, so it would run another model")
-    check(not config.get("rope_scaling"),
-          "rope_scaling is not converted here (llama.cpp's rope_freqs): it would run unscaled")
+          "would attend to the whole context")
+    rope = config.get("rope_parameters") or {}
+    check(not config.get("rope_scaling") and rope.get("rope_type", "default") == "default",
+          "RoPE scaling is not converted: llama.cpp would run unscaled")
+    check(arch != "gpt-oss" or config["swiglu_limit"] == 7.0,
+          f"swiglu_limit {config.get('swiglu_limit')}: llama.cpp's clamps at 7")
     # llama.cpp scales Gemma's scores by 1 / sqrt(head_dim), whatever query_pre_attn_scalar says.
     scalar = config.get("query_pre_attn_scalar")
     check(arch not in SWA or scalar == config.get("head_dim"),
@@ -122,6 +125,10 @@ def write_hyperparameters(writer, arch, config):
     if config.get("num_local_experts"):
         writer.add_expert_count(config["num_local_experts"])
         writer.add_expert_used_count(config["num_experts_per_tok"])
+    # Windows in every second layer, from the first, as ours.
+    if arch == "gpt-oss":
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_expert_feed_forward_length(config["intermediate_size"])
     if arch in SWA:
         write_windows(writer, arch, config)
 
@@ -175,9 +182,12 @@ def llama_cpp_tensors(arch, config, weights):
     """(Hugging Face name, tensor) in llama.cpp's layout: GPT-2's Conv1D transposed; for
     llama, q and k permuted and each layer's experts stacked into one tensor; for Gemma,
     RMSNorm's 1 + w as w (llama.cpp's Gemma norm multiplies by the stored weight). Qwen3's
-    are as they are: llama.cpp's qwen3 turns RoPE's halves, as transformers does."""
+    and gpt-oss's RoPE turns halves in llama.cpp too, as transformers'."""
     experts = {}
     for name, weight in weights.items():
+        if arch == "gpt-oss":
+            yield from gpt_oss_tensors(name, weight)
+            continue
         if arch == "gpt2" and name.endswith(CONV1D):
             weight = weight.t()
         if arch in GEMMA and name.endswith("norm.weight"):
@@ -199,6 +209,24 @@ def llama_cpp_tensors(arch, config, weights):
             yield "lm_head.weight", weight
     for name, by_expert in experts.items():
         yield name, torch.stack([by_expert[i] for i in sorted(by_expert)])  # (n_expert, out, in)
+
+
+def gpt_oss_tensors(name, weight):
+    """gpt-oss's tensors as llama.cpp's map names them: gate_up_proj (n_expert, in,
+    2 * out), gate and up in turn, split (n_expert, out, in)."""
+    prefix, stacked, kind = name.partition("experts.")
+    if not stacked:
+        yield name.replace(".sinks", ".sinks.weight"), weight
+    elif kind == "gate_up_proj":
+        yield prefix + "experts.gate_proj.weight", weight.transpose(1, 2)[:, 0::2]
+        yield prefix + "experts.up_proj.weight", weight.transpose(1, 2)[:, 1::2]
+    elif kind == "gate_up_proj_bias":
+        yield prefix + "experts.gate_proj.bias", weight[:, 0::2]
+        yield prefix + "experts.up_proj.bias", weight[:, 1::2]
+    elif kind == "down_proj":
+        yield name + ".weight", weight.transpose(1, 2)
+    else:
+        yield prefix + "experts.down_proj.bias", weight
 
 
 def convert(folder, path, dtype="f32"):
@@ -225,7 +253,7 @@ def write_gguf(folder, path, dtype, config, weights, tok):
     elif arch != "gpt2":
         config = {"head_dim": config["hidden_size"] // config["num_attention_heads"], **config}
     n_layer = config.get("num_hidden_layers") or config.get("n_layer")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], n_layer)
     tmp = Path(f"{path}.tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(Path(folder).name)

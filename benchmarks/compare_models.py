@@ -30,6 +30,7 @@ MODELS = {  # file: (config class, model class)
     "gpt1": ("GPTConfig", "GPT"), "gpt2": ("GPTConfig", "GPT"), "llama": ("LlamaConfig", "Llama"),
     "mistral": ("MistralConfig", "Mistral"), "mixtral": ("MixtralConfig", "Mixtral"), "gemma": ("GemmaConfig", "Gemma"),
     "qwen3": ("Qwen3Config", "Qwen3"), "gemma3": ("Gemma3Config", "Gemma3"), "deepseek": ("DeepSeekConfig", "DeepSeek"),
+    "gpt_oss": ("GptOssConfig", "GptOss"),
 }
 QUICK = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)  # where a config has them
 

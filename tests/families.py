@@ -17,6 +17,13 @@ TEXTS = [
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# o200k's (gpt-oss): words by case, contractions attached.
+UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+O200K_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+{CONTRACTION}"
+               rf"|[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*{CONTRACTION}"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # form: (beginning-of-text token or None, end-of-text token)
 BYTE_LEVEL = {
     "gpt2": (None, "<|endoftext|>"),  # ByteLevel alone
@@ -24,6 +31,7 @@ BYTE_LEVEL = {
     "qwen": (None, "<|endoftext|>"),  # NFC first
     "smollm": (None, "<|endoftext|>"),  # single digits, then ByteLevel with its regex
     "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),  # three Splits
+    "o200k": (None, "<|return|>"),  # gpt-oss's
 }
 SENTENCEPIECE = {
     "llama2": ("<s>", "</s>"),  # Prepend + Replace normalizer, no pre-tokenizer
@@ -47,6 +55,7 @@ def byte_level(form):
         "deepseek": [pre.Split(tk.Regex(r"\p{N}{1,3}"), "isolated"),
                      pre.Split(tk.Regex(r"[一-龥぀-ゟ゠-ヿ]+"), "isolated"),
                      pre.Split(tk.Regex(LLAMA3_SPLIT), "isolated")],
+        "o200k": [pre.Split(tk.Regex(O200K_SPLIT), "isolated")],
     }[form]
     tok = tk.Tokenizer(tk.models.BPE(ignore_merges=form == "llama3"))
     last = pre.ByteLevel(add_prefix_space=False, use_regex=form in ("gpt2", "smollm"))

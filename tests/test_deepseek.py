@@ -6,7 +6,6 @@ every model file must do is tested in test_models.py; dispatch by expert, which
 deepseek.py shares with mixtral.py, in test_mixtral.py."""
 
 import csv
-import shutil
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from conftest import TINY, randomize, run_main, train_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_llama import assert_greedy_ids_equal_generate, assert_init_from_refuses, edit_config, hf_llama
+from test_mixtral import fine_tuned_from
 
-import bpe
 import deepseek
 from deepseek import DeepSeek, DeepSeekConfig
 
@@ -274,16 +273,9 @@ def test_reads_bf16_safetensors_and_drops_the_multi_token_prediction_layer(tmp_p
 
 
 def test_init_from_trains_from_the_reference_weights(trained, corpus, tmp_path, capsys):
-    out_dir = shutil.copytree(trained("deepseek"), tmp_path / "run", ignore=shutil.ignore_patterns("ckpt.pt"))
-    vocab_size = bpe.Tokenizer.load(out_dir / "tokenizer.json").vocab_size
-    hf_deepseek(tmp_path / "hf", vocab_size=vocab_size, max_position_embeddings=64)
-    bpe.Tokenizer.load(out_dir / "tokenizer.json").save_pretrained(tmp_path / "hf")  # as export writes it
-    code, _, err = run_main(deepseek, capsys, *train_args(corpus, out_dir, "--init-from", tmp_path / "hf",
-                                                          "--max-iters", 1, "--lr", "1e-9"))
-    assert code == 0, err
-    model = deepseek.load_trained(out_dir, torch.device("cpu"))[0]
+    model, reference = fine_tuned_from(deepseek, hf_deepseek, trained, corpus, tmp_path, capsys)
     assert model.config.n_expert == 4 and model.config.routed_scaling_factor == 2.5
-    expected = DeepSeek.from_pretrained(tmp_path / "hf").state_dict()
+    expected = reference.state_dict()
     for name, w in model.state_dict().items():
         # One step of bias update moved the biases by the speed, whatever the learning rate.
         atol = model.config.bias_update_speed + 1e-6 if "e_score_correction_bias" in name else 1e-6

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "gemma3": "Gemma3ForCausalLM", "deepseek": "DeepseekV3ForCausalLM"}
+            "gemma3": "Gemma3ForCausalLM", "deepseek": "DeepseekV3ForCausalLM",
+            "gpt_oss": "GptOssForCausalLM"}
 PROMPT = "Мой дядя самых честных правил"
 
 

@@ -33,6 +33,7 @@ MODELS = {
     "gemma3-all-local": ("gemma3", "gemma3", dict(sliding_window=8)),
     "gemma2": ("gemma3", "gemma2", dict(n_layer=4, sliding_window=8, sliding_window_pattern=2, qk_norm=False,
                                         attn_logit_softcapping=3.0, final_logit_softcapping=5.0, rope_local_theta=1e6)),
+    "gpt_oss": ("gpt_oss", "gpt-oss", dict(n_layer=3, sliding_window=8, n_expert=4)),
 }
 PROMPT = "Мой дядя самых честных правил"
 
@@ -64,14 +65,17 @@ def test_the_file_holds_what_llama_cpp_reads(converted, tok):
     assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
     names = {t.name for t in reader.tensors}
     assert "token_embd.weight" in names and "blk.1.attn_norm.weight" in names
-    if type(model).__name__ == "Mixtral":
+    if type(model).__name__ in ("Mixtral", "GptOss"):
         assert "blk.0.ffn_gate_exps.weight" in names
     if hasattr(model.config, "head_size"):
         assert reader.fields[f"{arch}.attention.key_length"].parts[-1][0] == model.config.head_size == 12
     if arch in ("qwen3", "gemma3"):
         assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
-    if arch in ("gemma2", "gemma3"):
+    if arch in ("gemma2", "gemma3", "gpt-oss"):
         assert reader.fields[f"{arch}.attention.sliding_window"].parts[-1][0] == 8
+    if arch == "gpt-oss":
+        assert {"blk.2.attn_sinks.weight", "blk.0.ffn_up_exps.bias", "blk.0.attn_q.bias"} <= names
+        return
         assert "blk.0.post_attention_norm.weight" in names and "blk.0.post_ffw_norm.weight" in names
 
 
@@ -115,6 +119,20 @@ def test_a_gemma_llama_cpp_would_compute_otherwise_is_refused(settings, key, tok
     result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
     assert one_line_error(result.returncode, result.stderr, key), result.stderr
     assert not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("settings, key", [
+    (dict(swiglu_limit=5.0), "swiglu_limit"),  # llama.cpp clamps at 7
+    (dict(rope_scaling=dict(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                            truncate=False)), "RoPE scaling"),
+])
+def test_a_gpt_oss_llama_cpp_would_compute_otherwise_is_refused(settings, key, tok, tmp_path):
+    import gpt_oss
+
+    model = TABLE["gpt_oss"].build(vocab_size=tok.vocab_size, **{**SHAPE, **settings})
+    gpt_oss.export(model, tok, tmp_path / "hf")
+    result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
+    assert one_line_error(result.returncode, result.stderr, key), result.stderr
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])

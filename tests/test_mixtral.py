@@ -221,17 +221,24 @@ def test_reads_bf16_safetensors(tmp_path):
     assert ours.config.n_expert == reference.config.num_local_experts
 
 
-def test_init_from_trains_from_the_reference_weights(trained, corpus, tmp_path, capsys):
-    out_dir = shutil.copytree(trained("mixtral"), tmp_path / "run", ignore=shutil.ignore_patterns("ckpt.pt"))
-    vocab_size = bpe.Tokenizer.load(out_dir / "tokenizer.json").vocab_size
-    hf_mixtral(tmp_path / "hf", vocab_size=vocab_size, max_position_embeddings=64)
-    bpe.Tokenizer.load(out_dir / "tokenizer.json").save_pretrained(tmp_path / "hf")  # as export writes it
-    code, _, err = run_main(mixtral, capsys, *train_args(corpus, out_dir, "--init-from", tmp_path / "hf",
-                                                         "--max-iters", 1, "--lr", "1e-9"))
+def fine_tuned_from(module, build, trained, corpus, tmp_path, capsys):
+    """One step at lr 1e-9 of `train --init-from` a random Hugging Face folder that build writes, with the
+    tokenizer of module's trained run: the run's model, and the folder's (from_pretrained)."""
+    out_dir = shutil.copytree(trained(module.__name__), tmp_path / "run", ignore=shutil.ignore_patterns("ckpt.pt"))
+    tok = bpe.Tokenizer.load(out_dir / "tokenizer.json")
+    build(tmp_path / "hf", vocab_size=tok.vocab_size, max_position_embeddings=64)
+    tok.save_pretrained(tmp_path / "hf")  # as export writes it
+    code, _, err = run_main(module, capsys, *train_args(corpus, out_dir, "--init-from", tmp_path / "hf",
+                                                        "--max-iters", 1, "--lr", "1e-9"))
     assert code == 0, err
-    model = mixtral.load_trained(out_dir, torch.device("cpu"))[0]
+    model = module.load_trained(out_dir, torch.device("cpu"))[0]
+    return model, type(model).from_pretrained(tmp_path / "hf")
+
+
+def test_init_from_trains_from_the_reference_weights(trained, corpus, tmp_path, capsys):
+    model, reference = fine_tuned_from(mixtral, hf_mixtral, trained, corpus, tmp_path, capsys)
     assert model.config.n_expert == 4 and model.config.router_aux_loss_coef == 0.02
-    expected = Mixtral.from_pretrained(tmp_path / "hf").state_dict()
+    expected = reference.state_dict()
     assert all(torch.allclose(w, expected[name], atol=1e-6) for name, w in model.state_dict().items())
 
 

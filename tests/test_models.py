@@ -64,7 +64,7 @@ class Model:
         return getattr(self.module, self.model_class)(self.config(**kwargs))
 
 
-MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "deepseek", "gemma", "qwen3", "gemma3"]
+MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "deepseek", "gpt_oss", "gemma", "qwen3", "gemma3"]
 TABLE = {
     "gpt1": Model("gpt1", "GPTConfig", "GPT", "GPT-1", cache=False, sibling="gpt2",
                   sibling_only=("init_from", "export", "cache")),  # --init-from, export, --no-cache
@@ -81,6 +81,9 @@ TABLE = {
                       tiny=dict(multiple_of=8, n_expert=4, n_expert_per_token=2, n_group=2, topk_group=1,
                                 first_k_dense=0),
                       sibling="mixtral", own_only=("balance", "expert_share", "active", "update_bias")),
+    "gpt_oss": Model("gpt_oss", "GptOssConfig", "GptOss", "gpt-oss", cache=True,
+                     tiny=dict(n_kv_head=2, multiple_of=8, sliding_window=5, n_expert=4), sibling="mixtral",
+                     own_only=("balance", "expert_share", "active")),
     "gemma": Model("gemma", "GemmaConfig", "Gemma", "Gemma", cache=True, tiny=dict(multiple_of=8), sibling="llama"),
     "qwen3": Model("qwen3", "Qwen3Config", "Qwen3", "Qwen3", cache=True, tiny=dict(n_kv_head=2, multiple_of=8),
                    sibling="llama", own_only=("prompt_ids", "prompt-ids", "if tok", "tok and", "check(tok,")),
@@ -140,6 +143,10 @@ def test_fused_attention_equals_written_out(m, monkeypatch):
             args = (q, k, v, window) if "window" in takes else (q, k, v)
             if "scale" in takes:
                 args += (1 / math.sqrt(8),)
+            sinks = torch.full((3,), -math.inf, dtype=torch.float64)  # gpt-oss's, here taking no share
+            if "sinks" in takes:
+                sinks = torch.randn(3, generator=generator, dtype=torch.float64)
+                args += (sinks,)
             monkeypatch.setattr(m.module, "FUSED", True)
             fused = m.module.attention(*args)
             monkeypatch.setattr(m.module, "FUSED", False)
@@ -149,7 +156,8 @@ def test_fused_attention_equals_written_out(m, monkeypatch):
                 seen = T_k - T + i + 1
                 first = max(0, seen - window)
                 scores = q[..., i : i + 1, :] @ k[..., first:seen, :].transpose(-2, -1) / math.sqrt(8)
-                expected = scores.softmax(-1) @ v[..., first:seen, :]
+                with_sink = torch.cat([scores, sinks.view(1, 3, 1, 1).expand(2, 3, 1, 1)], dim=-1)
+                expected = with_sink.softmax(-1)[..., :-1] @ v[..., first:seen, :]
                 assert torch.allclose(written_out[..., i : i + 1, :], expected, atol=1e-12)
 
 
@@ -825,6 +833,8 @@ SHARED_SECTIONS = ["Data", "Training", "Sampling", "Command line"]
 def as_ours(m, source):
     """The sibling's text with this file's names."""
     sibling = TABLE[m.sibling]
+    # A class name that is also the title (Mixtral): called or read from, it is the class.
+    source = re.sub(rf"(?<![\w-]){re.escape(sibling.model_class)}(?=[(.])", m.model_class, source)
     for theirs, ours in [(sibling.title, m.title), (sibling.config_class, m.config_class),
                          (sibling.model_class, m.model_class), (sibling.name, m.name)]:
         source = re.sub(rf"(?<![\w-]){re.escape(theirs)}(?![\w-])", ours, source)  # GPT, not GPT-3

@@ -12,6 +12,7 @@ from conftest import one_line_error, run_main
 from test_deepseek import hf_deepseek
 from test_gemma import hf_gemma
 from test_gemma3 import hf_gemma3
+from test_gpt_oss import hf_gpt_oss
 from test_llama import LLAMA3_ROPE, hf_llama
 from test_mixtral import hf_mixtral
 from test_qwen3 import hf_qwen3
@@ -46,6 +47,7 @@ RELEASED = {
     "gemma3": ("gemma3", "gemma", hf_gemma3, {}),
     "gemma2": ("gemma3", "gemma", hf_gemma3, dict(family="Gemma2")),
     "deepseek": ("deepseek", "deepseek", hf_deepseek, {}),
+    "gpt_oss": ("gpt_oss", "o200k", hf_gpt_oss, {}),
 }
 PROMPT = "Мой дядя самых честных правил, hello 2024"
 

@@ -1,0 +1,1551 @@
+"""
+GPT-OSS from scratch: the model, its data, training, sampling and command line in one file.
+
+gpt-oss (OpenAI, 2025, "gpt-oss-120b & gpt-oss-20b Model Card") is Mixtral (mixtral.py)
+with Gemma 2's alternating windows and ideas of its own:
+
+  - Attention sinks: a learned logit per head joins the softmax's denominator with no
+    value, so that a head can attend to nothing.
+  - The even layers see a window of sliding_window keys, the odd ones the whole context.
+  - The experts' SwiGLU is clamped to swiglu_limit; q, k, v, o, the router and the
+    experts have biases; heads are head_size wide; and YaRN's RoPE when a folder asks.
+
+The default, 8 experts of half LLaMA's MLP width, top 2: 15.76M parameters, 5.99M active
+per token (mixtral.py: 15.71M, 5.98M).
+
+    python gpt_oss.py train                  # tokenizer, encoded corpus, then training
+    python gpt_oss.py sample --prompt "Мой дядя"
+
+Ctrl-C saves a checkpoint that `train --resume` continues; `eval` scores one;
+`--init-from DIR` runs Hugging Face's gpt-oss folders, text in and out
+(gpt-oss-20b, its MXFP4 experts dequantized); `export` writes ours as one.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import bpe
+
+# Stored in every checkpoint; checkpoints of other models are refused.
+MODEL = "gpt_oss"
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def arg(default, help, **metadata):
+    """A config field; its command-line flag takes this help (and type, if given)."""
+    return field(default=default, metadata=dict(help=help, **metadata))
+
+
+def check(ok, message):
+    """Raise ValueError(message) unless ok: the one-line error that a user sees."""
+    if not ok:
+        raise ValueError(message)
+
+
+# The fields of YaRN's RoPE scaling (yarn_scaling).
+YARN_SCALING = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                "truncate")
+
+
+@dataclass
+class GptOssConfig:
+    """The shape of the network. gpt-oss-20b is GptOssConfig(201088, 131072, 24, 64, 2880,
+    64, n_kv_head=8, rope_theta=150000, rope_scaling=YaRN's 32 times 4096, mlp_hidden=2880,
+    sliding_window=128, n_expert=32, n_expert_per_token=4)."""
+
+    vocab_size: int = arg(3000, "tokens in the vocabulary (a new run's BPE gets this size)")
+    block_size: int = arg(256, "training context: the tokens of each training window (the model "
+                          "takes any length)")
+    n_layer: int = arg(6, "Transformer blocks")
+    n_head: int = arg(8, "attention heads per block")
+    n_embd: int = arg(256, "width of the residual stream")
+    head_size: int | None = arg(None, "width of each head; n_head * head_size may "
+                                "differ from n_embd (None: n_embd // n_head)")
+    dropout: float = arg(0.0, "dropout on embeddings, attention weights and residual branches")
+    norm_eps: float = arg(1e-5, "added to the mean square in RMSNorm, against division by ~0")
+    n_kv_head: int = arg(4, "key/value heads, each shared by n_head // n_kv_head query "
+                         "heads (1: multi-query)")
+    rope_theta: float = arg(10000.0, "RoPE's base: the slowest pair of features turns "
+                            "~1 / rope_theta per position")
+    rope_scaling: dict | None = arg(None, "YaRN's RoPE scaling (yarn_scaling's "
+                                    "arguments, as JSON)", type=json.loads)
+    multiple_of: int = arg(64, "the MLP's hidden width is rounded up to a multiple of this")
+    mlp_hidden: int | None = arg(None, "each expert's hidden width (None: LLaMA's MLP width / "
+                                 "n_expert_per_token)")
+    tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the "
+                               "head, as GPT-2")
+    sliding_window: int = arg(64, "the even layers' reach: each query sees the last "
+                              "sliding_window keys, its own included")
+    n_expert: int = arg(8, "experts, SwiGLU MLPs of mlp_hidden each, in every block")
+    n_expert_per_token: int = arg(2, "experts each token goes to (top-k): the active ones")
+    router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss in the training "
+                                      "loss (0: none)")
+    swiglu_limit: float = arg(7.0, "the experts clamp their gate and up projections to this")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                     "multiple_of", "sliding_window", "n_expert", "n_expert_per_token"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        # LLaMA's: the width split among the heads.
+        if self.head_size is None:
+            check(self.n_embd % self.n_head == 0,
+                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_size = self.n_embd // self.n_head
+        value = self.head_size
+        check(isinstance(value, int) and value >= 1 and value % 2 == 0,
+              "head_size must be a positive even integer (RoPE turns pairs), "
+              f"got {value!r}")
+        check(self.n_head % self.n_kv_head == 0,
+              f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        check(1 < self.rope_theta < math.inf,
+              f"rope_theta must be finite and greater than 1, got {self.rope_theta}")
+        scaling = self.rope_scaling
+        if scaling is not None:
+            check(isinstance(scaling, dict) and sorted(scaling) == sorted(YARN_SCALING),
+                  f"rope_scaling must give {', '.join(YARN_SCALING)}")
+            check(all(isinstance(scaling[key], (int, float)) for key in YARN_SCALING),
+                  f"rope_scaling's {', '.join(YARN_SCALING)} must be numbers")
+            check(scaling["factor"] >= 1, "rope_scaling's factor must be at least 1")
+            check(scaling["beta_slow"] < scaling["beta_fast"],
+                  "rope_scaling's beta_slow must be below its beta_fast")
+        # LLaMA's: 2/3 of GPT-2's 4 * n_embd, as SwiGLU has 3 matrices to its 2.
+        if self.mlp_hidden is None:
+            hidden = int(8 * self.n_embd / 3)
+            self.mlp_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
+            # A token's experts cost LLaMA's MLP, the active parameters.
+            self.mlp_hidden //= self.n_expert_per_token
+        value = self.mlp_hidden
+        check(isinstance(value, int) and value >= 1,
+              f"mlp_hidden must be a positive integer, got {value!r}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        check(self.n_expert_per_token <= self.n_expert,
+              f"n_expert_per_token must be <= n_expert ({self.n_expert})")
+        check(self.router_aux_loss_coef >= 0,
+              f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        check(0 < self.swiglu_limit <= math.inf,
+              f"swiglu_limit must be positive, got {self.swiglu_limit}")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+# The fused attention kernel; the tests switch it off to check that it equals ours.
+FUSED = True
+# The sigmoid's gain in the experts' SwiGLU.
+SWIGLU_ALPHA = 1.702
+
+
+class RMSNorm(nn.Module):
+    """Root mean square normalisation (Zhang and Sennrich, 2019): LayerNorm without
+    re-centring or bias."""
+
+    def __init__(self, n_embd, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x):
+        # In float32 even under bfloat16 autocast: a mean of squares.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE; Su et al., 2021): a query or key at position m turns
+    its feature pair i by m * theta_i, theta_i = rope_theta^(-2i / head_size). Turning by m,
+    then back by n, is turning by m - n: the score q_m . k_n depends on m - n only, and
+    nothing is learned. Computed for the positions asked, as far as the text goes: no table of
+    block_size rows."""
+
+    def __init__(self, config):
+        super().__init__()
+        head_size = config.head_size
+        pairs = torch.arange(0, head_size, 2, dtype=torch.float64)
+        inv_freq = config.rope_theta ** (-pairs / head_size)  # (hs / 2,)
+        self.attention_factor = 1.0
+        if config.rope_scaling:
+            inv_freq, self.attention_factor = yarn_scaling(inv_freq, config.rope_theta,
+                                                              **config.rope_scaling)
+        # Not persistent: no checkpoint needs it.
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, start, T):
+        """cos and sin (T, head_size) of the angles of positions start, ..., start + T - 1."""
+        device = self.inv_freq.device
+        # float32 positions are exact to 2^24.
+        positions = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        # (T, hs / 2): in float32 whatever the model's dtype
+        angles = positions[:, None] * self.inv_freq.float()
+        # (T, head_size): features i and i + hs / 2 pair up.
+        angles = torch.cat([angles, angles], dim=-1)
+        dtype = self.inv_freq.dtype
+        # YaRN's temperature: q and k both scaled, so the scores by attention_factor^2.
+        cos = angles.cos() * self.attention_factor
+        sin = angles.sin() * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def yarn_scaling(inv_freq, rope_theta, factor, original_max_position_embeddings, beta_fast,
+                 beta_slow, truncate):
+    """YaRN's RoPE scaling (Peng et al., 2023; rope_type "yarn"), to stretch a context of
+    original_max_position_embeddings `factor` times: the pairs that turn over beta_fast times
+    in it keep their speed (short distances), those that turn under beta_slow times turn
+    `factor` times slower (else the new distances give angles never trained), and a ramp
+    runs between. Returns inv_freq (hs / 2,) and the attention factor 0.1 ln(factor) + 1,
+    which sharpens the softmax that more keys flatten."""
+    head_size = 2 * len(inv_freq)
+    # The pair index at which pairs turn `rotations` times in the original context.
+    def pair(rotations):
+        turns = original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_size * math.log(turns) / (2 * math.log(rope_theta))
+    low = pair(beta_fast)
+    high = pair(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low = max(low, 0)
+    high = min(high, head_size - 1)
+    index = torch.arange(len(inv_freq), dtype=torch.float64)
+    # 0 for the fast pairs, 1 for the slow ones: the share slowed down.
+    slowed = ((index - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = (1 - slowed) * inv_freq + slowed * inv_freq / factor
+    return inv_freq, 0.1 * math.log(factor) + 1
+
+
+def apply_rope(x, cos, sin):
+    """x (B, heads, T, head_size), each feature pair (x1, x2) turned: (x1 cos - x2 sin,
+    x2 cos + x1 sin). Which features pair up is a convention, the same model up to the order
+    of q_proj's and k_proj's rows (evens, then odds: Hugging Face's conversion of Meta's).
+        Meta's code:          (x0 x1) (x2 x3) (x4 x5) (x6 x7)   neighbours, as complex numbers
+        Hugging Face's, ours: x0 x1 x2 x3 | x4 x5 x6 x7        "rotate half": x0 with x4, ..."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, heads, T, head_size / 2)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, heads, T, head_size)
+
+
+# The sliding window (Jiang et al., 2023), as transformers' MistralForCausalLM for
+# sliding_window = W: query i sees the keys i - W < j <= i, W of them, its own included. gpt-oss
+# alternates: the even layers see a window, the odd ones the whole context, so that the
+# windowed layers' cache stays small while every other layer reaches back to the start.
+
+
+def is_windowed(layer):
+    """Whether layer attends to a sliding window (transformers' "sliding_attention"): the
+    even ones, from the first."""
+    return layer % 2 == 0
+
+
+def attention(q, k, v, window, sinks, dropout_p=0.0):
+    """Masked scaled dot-product attention with a sink per head: softmax over a query's
+    scores q k^T / sqrt(head_size) and its head's sink logit, sinks (n_head,), whose share is
+    then dropped, so that a row's weights sum to under 1. q (B, n_head, T, head_size): the
+    last T of the T_k positions whose keys and values k, v (B, n_head, T_k, head_size) hold;
+    query i, at T_k - T + i, sees the last `window` keys up to its own.
+
+    A sink lets a head attend to nothing: a softmax must put its weight somewhere, and heads
+    with nothing to look at dump it on the first token (Xiao et al., 2023, "Efficient
+    Streaming Language Models with Attention Sinks")."""
+    B, n_head, T, head_size = q.size()
+    T_k = k.size(-2)
+    scale = 1 / math.sqrt(head_size)
+    sinks = sinks.to(q.dtype)
+    causal = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
+    band = causal.triu(diagonal=T_k - T - window + 1)  # (T, T_k): and within the window
+    if FUSED:
+        # The sink as one more key, for the fused kernel: each query gets a feature of 1,
+        # the keys 0 and the sink's key sink / scale there, so that every query scores it the
+        # sink; its value is 0 (the kernel wants v as wide as q and k).
+        q = F.pad(q, (0, 1), value=1.0)  # (B, n_head, T, head_size + 1)
+        sink_key = F.pad((sinks / scale).view(1, n_head, 1, 1), (head_size, 0))
+        sink_key = sink_key.expand(B, n_head, 1, head_size + 1)
+        k = torch.cat([F.pad(k, (0, 1)), sink_key], dim=2)  # (B, n_head, T_k + 1, hs + 1)
+        v = F.pad(v, (0, 1, 0, 1))  # (B, n_head, T_k + 1, head_size + 1)
+        band = F.pad(band, (0, 1), value=True)  # (T, T_k + 1): every query sees the sink
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p,
+                                           scale=scale)
+        return y[..., :head_size]  # (B, n_head, T, head_size)
+    att = q @ k.transpose(-2, -1) * scale  # (B, n_head, T, T_k)
+    att = att.masked_fill(~band, float("-inf"))
+    sink = sinks.view(1, n_head, 1, 1).expand(B, n_head, T, 1)
+    # The sink joins the denominator; its share goes to no value.
+    att = F.softmax(torch.cat([att, sink], dim=-1), dim=-1)[..., :T_k]
+    # GPT-2's attention dropout: on the weights.
+    att = F.dropout(att, dropout_p)
+    return att @ v  # (B, n_head, T, head_size)
+
+
+class KVCache:
+    """The keys and values, per layer, of the shared heads only, in buffers
+    (B, n_kv_head, slots, head_size): a full layer's holds block_size positions, a windowed
+    one's is Mixtral's rolling buffer of the last W = sliding_window, position p in slot
+    p % W, over position p - W, which has left every later query's window. The next tokens
+    are at positions pos, ..."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        self.k = []
+        self.v = []
+        for layer in range(config.n_layer):
+            slots = config.block_size
+            if is_windowed(layer):
+                slots = config.sliding_window
+            shape = (batch_size, config.n_kv_head, slots, config.head_size)
+            self.k.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.v.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.pos = 0
+        self.window = config.sliding_window
+
+    def update(self, layer, k, v):
+        """Store a layer's k, v (B, n_kv_head, T, head_size) of positions
+        pos, ..., pos + T - 1 and return the keys and values they attend to
+        (B, n_kv_head, T_k, head_size); GptOss.forward advances pos once every layer has
+        stored. A full layer: all so far. A windowed one, for one token: the buffer itself, in
+        slot order (one query's softmax ignores order); for a chunk: the cached last W - 1
+        positions, then its own, in position order, for attention's mask."""
+        W = self.window
+        T = k.size(2)
+        if not is_windowed(layer):
+            self.k[layer][:, :, self.pos : self.pos + T] = k
+            self.v[layer][:, :, self.pos : self.pos + T] = v
+            return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+        # Decoding: the ring as it is, min(pos + 1, W) slots, all in the window.
+        if T == 1:
+            self.k[layer][:, :, self.pos % W] = k[:, :, 0]
+            self.v[layer][:, :, self.pos % W] = v[:, :, 0]
+            return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
+        # The slots of the last W - 1 positions, oldest first.
+        kept = torch.arange(max(0, self.pos - W + 1), self.pos, device=k.device) % W
+        k_all = torch.cat([self.k[layer][:, :, kept], k], dim=2)  # (B, n_kv_head, T_k, head_size)
+        v_all = torch.cat([self.v[layer][:, :, kept], v], dim=2)  # (B, n_kv_head, T_k, head_size)
+        # The slots of the chunk's last W positions.
+        slots = torch.arange(self.pos, self.pos + T, device=k.device)[-W:] % W
+        self.k[layer][:, :, slots] = k[:, :, -W:]
+        self.v[layer][:, :, slots] = v[:, :, -W:]
+        return k_all, v_all
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked grouped-query self-attention (Ainslie et al., 2023): each group of
+    n_head / n_kv_head query heads shares a key and value head (n_kv_head = n_head: GPT-2's
+    multi-head; 1: multi-query), turned by RoPE, with a sink per head; heads head_size
+    wide, whatever n_embd is."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.dropout = config.dropout
+        self.window = config.block_size
+        if is_windowed(layer):
+            self.window = config.sliding_window
+        self.layer = layer  # which layer of a KVCache is ours
+        kv_width = config.n_kv_head * config.head_size
+        # Biases, as GPT-2's and unlike Mixtral's.
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_size)
+        self.k_proj = nn.Linear(config.n_embd, kv_width)
+        self.v_proj = nn.Linear(config.n_embd, kv_width)
+        # joined heads -> residual stream
+        self.o_proj = nn.Linear(config.n_head * config.head_size, config.n_embd)
+        self.o_proj.residual_projection = True  # GPT-2's scaled init: see GptOss._init_weights
+        # Each head's sink logit, 0 at the start.
+        self.sinks = nn.Parameter(torch.zeros(config.n_head))
+
+    def forward(self, x, rope, kv_cache=None):
+        B, T, C = x.size()  # batch, tokens, n_embd
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        # Turned by their positions; v is not.
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            # (B, n_kv_head, T_k, head_size): the cached keys and values, then the new ones
+            k, v = kv_cache.update(self.layer, k, v)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_k, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, self.window, self.sinks, dropout)  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return F.dropout(self.o_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    """One expert: gpt-oss's clamped SwiGLU, down_proj((up + 1) * glu) with
+    glu = gate * sigmoid(1.702 * gate), gate and up one projection's even and odd features,
+    clamped, as gpt-oss stores them."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.n_embd, 2 * config.mlp_hidden)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd)
+        self.down_proj.residual_projection = True  # GPT-2's scaled init: see GptOss._init_weights
+        self.limit = config.swiglu_limit
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        gate_up = self.gate_up_proj(x)  # (tokens, 2 * mlp_hidden)
+        # Clamped, so that no outlier grows without bound: the gate from above only (far
+        # below 0 its glu is ~0 anyway), up on both sides.
+        gate = gate_up[:, 0::2].clamp(max=self.limit)  # (tokens, mlp_hidden)
+        up = gate_up[:, 1::2].clamp(-self.limit, self.limit)  # (tokens, mlp_hidden)
+        # x sigmoid(1.702 x): GELU's sigmoid approximation (Hendrycks and Gimpel, 2016).
+        glu = gate * torch.sigmoid(SWIGLU_ALPHA * gate)
+        # up + 1: where up is ~0, glu still passes.
+        x = self.down_proj((up + 1) * glu)  # (tokens, n_embd)
+        return F.dropout(x, self.dropout, self.training)
+
+
+# An expert's tokens past PAD_ROWS are padded with zero rows to a multiple of it
+# (MegaBlocks pads to its block size): a CPU's bfloat16 matmul (oneDNN) compiles a kernel
+# for each new shape, 2 to 4 ms, and the counts change at every step.
+PAD_ROWS = 64
+
+
+def dispatch(x, chosen, weights, experts):
+    """Each token's weighted sum of its chosen experts' outputs: x (N, n_embd), chosen
+    and weights (N, k) -> (N, n_embd). The (token, expert) pairs sorted by expert, each
+    expert runs once, on its own tokens: N * k products, not N * n_expert. Dropless:
+    Switch Transformer gives each expert capacity_factor * N * k / n_expert slots (one
+    matmul shape on TPUs) and drops the tokens past them, to the residual stream only."""
+    k = chosen.size(1)
+    order = chosen.flatten().argsort(stable=True)  # (N * k,): the pairs, grouped by expert
+    tokens = order // k  # (N * k,): each pair's token
+    # Pairs per expert (a sync with the device).
+    counts = chosen.flatten().bincount(minlength=len(experts)).tolist()
+    # Each expert's tokens, (count, n_embd); some maybe none.
+    inputs = x.index_select(0, tokens).split(counts)
+    padded = []
+    for part in inputs:
+        if len(part) > PAD_ROWS:
+            part = F.pad(part, (0, 0, 0, -len(part) % PAD_ROWS))
+        padded.append(part)
+    out = torch.cat([expert(part)[:count] for expert, part, count in zip(experts, padded, counts)])
+    out = out * weights.flatten()[order, None]  # (N * k, n_embd), weighted by the router
+    # (N, n_embd): each token's k summed
+    return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))
+
+
+class SparseMoE(nn.Module):
+    """The sparse mixture of experts in the MLP's place: each token goes to the
+    n_expert_per_token experts the router scores best (transformers' softmax over all,
+    renormalised over the chosen, gives the same weights)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_expert_per_token = config.n_expert_per_token
+        self.router = nn.Linear(config.n_embd, config.n_expert)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
+
+    def forward(self, x):
+        """x (B, T, n_embd) -> the experts' mix (B, T, n_embd), and the router logits
+        (B * T, n_expert)."""
+        B, T, C = x.size()
+        x = x.view(B * T, C)  # (B * T, n_embd): each token routed on its own
+        # float32 under autocast, for a stable routing: Switch Transformer's "selective
+        # precision".
+        with torch.autocast(x.device.type, enabled=False):
+            router_logits = self.router(x)  # (B * T, n_expert)
+        scores, chosen = router_logits.topk(self.n_expert_per_token, dim=-1)  # (B * T, k) each
+        weights = F.softmax(scores, dim=-1)  # (B * T, k): over the chosen experts only
+        return dispatch(x, chosen, weights, self.experts).view(B, T, C), router_logits
+
+
+def load_balancing_loss(router_logits, k):
+    """Switch Transformer's auxiliary loss (Fedus et al., 2022, eqs. 4-6) as transformers'
+    Mixtral computes it: n_expert * sum_i f_i * P_i over all layers' tokens together, f_i the
+    fraction of tokens with expert i in their top k, P_i its mean router probability; k when
+    even. Pooled, layers collapsed onto different experts look even (Switch Transformer's is
+    per layer). router_logits (n_layer, N, n_expert) -> the loss, and each layer's expert
+    shares f_i / k (n_layer, n_expert)."""
+    n_layer, N, n_expert = router_logits.size()
+    probs = F.softmax(router_logits, dim=-1)  # (n_layer, N, n_expert)
+    top_k = probs.topk(k, dim=-1).indices  # (n_layer, N, k)
+    # (n_layer, n_expert): the tokens that have each expert in their top k
+    counts = F.one_hot(top_k, n_expert).sum(dim=(1, 2)).to(probs.dtype)
+    # Under DDP, f of all processes' tokens: the gradients DDP averages are one batch's.
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+        N *= dist.get_world_size()
+    f = counts.sum(dim=0) / (n_layer * N)  # (n_expert,): sums to k; no gradient flows through it
+    return n_expert * (f * probs.mean(dim=(0, 1))).sum(), counts / (N * k)
+
+
+class Block(nn.Module):
+    """One Transformer layer, Pre-norm as GPT-2's: x + Attn(RMSNorm(x)), then
+    x + MoE(RMSNorm(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = CausalSelfAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SparseMoE(config)
+
+    def forward(self, x, rope, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache)  # (B, T, n_embd)
+        moe, router_logits = self.mlp(self.post_attention_layernorm(x))
+        return x + moe, router_logits  # (B, T, n_embd), (B * T, n_expert)
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Raise ValueError for a temperature, top_k or top_p out of range."""
+    check(0 <= temperature < math.inf,
+          f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    check(top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}")
+    check(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """The next token (B, 1) from the last logits (B, vocab_size): greedy at temperature 0,
+    else drawn from softmax(logits / temperature) among the top_k likeliest and, of those,
+    the fewest holding top_p of the probability."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    # The likeliest at 0, so that near temperature 0 the others go to -inf, never NaN;
+    # and a float32 temperature of 1e-39 would be 0, hence the smallest positive float.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once those before it hold top_p; the first always stays.
+        held_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        dropped = held_before >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(dropped, 0.0))
+    return torch.multinomial(probs, num_samples=1)
+
+
+class GptOss(nn.Module):
+    """The language model: a token embedding, n_layer blocks, a final RMSNorm, and a head that
+    turns each position's vector into logits over the next token. Positions enter only as
+    RoPE's turns."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            rotary_emb=RotaryEmbedding(config),  # no weights: the angles of each position
+            layers=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied as GPT-2's, or gpt-oss's own head: vocab_size * n_embd parameters.
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2's, kept: N(0, 0.02) weights; std / sqrt(2 * n_layer) for the residual
+        projections, as the stream sums 2 * n_layer of their outputs (Meta's and Hugging Face's
+        init leave that scaling out)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if hasattr(module, "residual_projection"):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        # Zero biases, as GPT-2's.
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, active=False):
+        """Parameters to train (the tied head and token embedding count once), or those one token
+        uses (active): n_expert_per_token of each layer's n_expert experts."""
+        config = self.config
+        idle_experts = config.n_layer * (config.n_expert - config.n_expert_per_token)
+        expert = self.model.layers[0].mlp.experts[0]
+        idle = idle_experts * sum(p.numel() for p in expert.parameters())
+        return sum(p.numel() for p in self.parameters()) - (idle if active else 0)
+
+    def balance(self):
+        """The last forward's aux_loss, smallest and largest expert share in any layer
+        (1 / n_expert: even), (3,)."""
+        shares = self.expert_share
+        return torch.stack([self.aux_loss.detach(), shares.min(), shares.max()])
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """GPT-OSS from a Hugging Face folder: see "Pretrained weights" below."""
+        return load_pretrained_weights(cls(config_from_pretrained(folder)), folder).eval()
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (B, T, vocab_size) for the token ids idx (B, T), T up to block_size, and, given
+        targets (B, T), the mean cross-entropy + router_aux_loss_coef * aux_loss (else None);
+        keeps this forward's aux_loss, unscaled, and expert_share. With a kv_cache, idx are the
+        tokens after the cached ones, at positions kv_cache.pos, ..."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        check(start + T <= self.config.block_size,
+              f"{start + T} tokens exceed the context of {self.config.block_size}")
+        # cos, sin (T, head_size): the turns of positions start, ..., start + T - 1
+        rope = self.model.rotary_emb(start, T)
+        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        x = F.dropout(x, self.config.dropout, self.training)
+        routing = []  # each layer's router logits (B * T, n_expert)
+        for block in self.model.layers:
+            x, router_logits = block(x, rope, kv_cache)  # (B, T, n_embd), (B * T, n_expert)
+            routing.append(router_logits)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        k = self.config.n_expert_per_token
+        self.aux_loss, self.expert_share = load_balancing_loss(torch.stack(routing), k)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = loss + self.config.router_aux_loss_coef * self.aux_loss
+        return logits, loss
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True):
+        """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.inference_mode()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True):
+        """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache
+        each step runs the last block_size tokens; with it, the first runs the prompt, the
+        others one token each.
+
+        Past block_size the text is cropped, and the cache re-filled from it at each step, as
+        llama.py's: a full layer's keys and values depend on the token that just left (though
+        not its position: RoPE's scores are relative), and so do those of every layer above.
+        """
+        check(max_new_tokens >= 0, f"max_new_tokens must not be negative, got {max_new_tokens}")
+        B, T = idx.size()
+        check(T > 0, "generation needs at least one token to start from")
+        kv_cache = None
+        if use_cache:
+            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
+        block_size = self.config.block_size
+        text = idx[:, -block_size:]  # (B, t): the text's last t <= block_size tokens
+        todo = text  # (B, <= t): its tokens not cached yet
+        for _ in range(max_new_tokens):
+            if kv_cache is None:
+                logits, _ = self(text)  # (B, t, vocab_size)
+            # The tokens not cached yet, or the whole text once the cache is full (see above).
+            else:
+                if kv_cache.pos + todo.size(1) > block_size:
+                    kv_cache.pos = 0
+                    todo = text
+                logits, _ = self(todo, kv_cache=kv_cache)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            todo = next_id
+            text = torch.cat([text, next_id], dim=1)[:, -block_size:]  # (B, <= block_size)
+            yield next_id
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_tokens(path):
+    """bpe.prepare_corpus's .bin file as a 1-D uint16 tensor."""
+    return torch.from_file(str(path), dtype=torch.uint16, size=Path(path).stat().st_size // 2)
+
+
+def get_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
+    """Random windows x (B, block_size) and targets y, one token on. Each process takes its
+    row of one draw, so the generators stay in step."""
+    starts = torch.randint(len(tokens) - block_size, (world_size, batch_size),
+                           generator=generator)
+    ours = starts[rank]  # (B,)
+    offsets = torch.arange(block_size + 1)  # (block_size + 1,)
+    window = tokens[ours[:, None] + offsets].long()  # (B, block_size + 1)
+    return window[:, :-1], window[:, 1:]
+
+
+def sequential_batches(tokens, batch_size, block_size):
+    """get_batch's (x, y), predicting every token once, in order."""
+    end = (len(tokens) - 1) // block_size * block_size  # of the full windows
+    x = tokens[:end].long().view(-1, block_size)
+    y = tokens[1 : end + 1].long().view(-1, block_size)
+    for first in range(0, len(x), batch_size):
+        yield x[first : first + batch_size], y[first : first + batch_size]
+    rest = tokens[end:].long()
+    if len(rest) > 1:
+        yield rest[None, :-1], rest[None, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+# Set by torchrun (DDP).
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+
+
+def duration(text):
+    """'90s', '30m', '1.5h' or a number of seconds, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+@dataclass
+class TrainConfig:
+    """How to train."""
+
+    data: str = field(default_factory=bpe.default_data_dir,
+                      metadata=dict(help="UTF-8 .txt novels: a folder or a file"))
+    out_dir: str = arg(f"checkpoints/{MODEL}",
+                       "the run's folder: tokenizer, token arrays, ckpt.pt, log.csv")
+    batch_size: int = arg(32, "sequences per batch (per process under torchrun)")
+    lr: float = arg(3e-3, "peak learning rate, after warmup")
+    warmup_iters: int = arg(150, "steps of linear warmup")
+    max_iters: int = arg(700, "optimizer steps: ~30 minutes on 2 CPU cores")
+    weight_decay: float = arg(0.1, "AdamW's weight decay, on weight matrices only")
+    grad_clip: float = arg(1.0, "clip gradients to this global norm (0: off)")
+    eval_interval: int = arg(100, "steps between evaluations and checkpoints")
+    eval_iters: int = arg(10, "batches per split per evaluation")
+    max_time: float | None = arg(None, "a time budget instead of max_iters: 90s, 30m, 1h",
+                                 type=duration)
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps, ... (auto: an accelerator if any)")
+    dtype: str = arg("auto", "bfloat16 or float32 matmuls (auto: bfloat16 where supported)")
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(False, "continue the run in out_dir")
+    init_from: str | None = arg(None, "a Hugging Face gpt-oss folder to start from")
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1,
+                  f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            check(value >= 0, f"{name} must not be negative, got {value}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(self.max_time is None or 0 < self.max_time < 1e9,
+              f"max_time must be in (0s, 1e9s), got {self.max_time}")
+        check(self.dtype in ("auto", "bfloat16", "float32"),
+              f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW (Loshchilov and Hutter, 2019) with GPT-3's betas, decaying only weight
+    matrices: biases and norm gains should not shrink."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def get_lr(step, cfg, elapsed=0.0):
+    """Learning rate at step (0-based): linear warmup to cfg.lr, then cosine decay to
+    cfg.lr / 10 at max_iters, or where the time budget ends at the pace so far."""
+    max_iters = step / elapsed * cfg.max_time if cfg.max_time and elapsed > 0 else cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    decay_iters = max(1, max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_iters)  # 0 -> 1
+    min_lr = cfg.lr / 10
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def train_step(model, optimizer, x, y, grad_clip, autocast):
+    """One optimizer step on x, y (B, T); the loss, on the device. DDP's backward()
+    averages the gradients."""
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, batches, char_counts, device, autocast=nullcontext()):
+    """Mean loss per token (nats) and bits per character over batches of (x, y), in all
+    processes; char_counts (vocab_size,): each token's characters."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
+    for x, y in batches:
+        with autocast:
+            logits, _ = model(x.to(device))
+        y = y.to(device)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        totals[1] += y.numel()
+        totals[2] += char_counts[y].sum()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    nats, n_tokens, n_chars = totals.tolist()
+    bpc = nats / math.log(2) / n_chars if n_chars else float("nan")
+    return nats / n_tokens, bpc
+
+
+@dataclass
+class Run:
+    """A run in training, as its checkpoint keeps it."""
+
+    model: nn.Module  # not compiled or wrapped
+    optimizer: torch.optim.Optimizer
+    tok: bpe.Tokenizer
+    batches: torch.Generator  # draws the training batches
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, in all sessions
+
+
+def save_checkpoint(path, run, max_time=None):
+    """Write all that --resume needs, atomically, as plain data."""
+    checkpoint = {
+        "model": MODEL,
+        "config": asdict(run.model.config),
+        "tokenizer": run.tok.fingerprint,
+        "step": run.step,
+        "weights": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "elapsed": run.elapsed,
+        "max_time": max_time,
+        "rng": {"torch": torch.get_rng_state(), "batches": run.batches.get_state()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """The model, tokenizer and checkpoint dict of the run at path (ckpt.pt, tokenizer.json
+    beside it)."""
+    check(path.is_file(),
+          f"no checkpoint at {path}: train one first with `python {MODEL}.py train`")
+    # Plain data only: no code runs from the file.
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, foreign, ...
+        raise ValueError(f"{path} is corrupt or not a checkpoint: it cannot be read") from None
+    kind = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    check(kind, f"{path} is no checkpoint")
+    check(kind == MODEL, f"{path} is a checkpoint of {kind}, not of {MODEL}")
+    missing = {"config", "tokenizer", "step", "weights", "optimizer", "rng"} - checkpoint.keys()
+    check(not missing, f"{path} is corrupt: it lacks {', '.join(sorted(missing))}")
+    tok = bpe.Tokenizer.load(path.parent / "tokenizer.json")
+    check(checkpoint["tokenizer"] == tok.fingerprint,
+          f"{path} was trained with another tokenizer.json")
+    try:
+        model = GptOss(GptOssConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["weights"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({e})") from None
+    check(all(p.isfinite().all() for p in model.parameters()),
+          f"{path} holds NaN or inf weights: its run diverged")
+    return model, tok, checkpoint
+
+
+def restore(run, checkpoint, path):
+    """Continue run from its checkpoint."""
+    ours = asdict(run.model.config)
+    theirs = checkpoint["config"]
+    differ = ", ".join(name for name in ours if theirs.get(name) != ours[name])
+    check(not differ, f"{path} has another shape ({differ}): give the same flags to resume")
+    run.model.load_state_dict(checkpoint["weights"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.batches.set_state(checkpoint["rng"]["batches"])
+    run.step = checkpoint["step"]
+    run.elapsed = checkpoint.get("elapsed", 0.0)
+
+
+def pick_device(name, local_rank=0):
+    """torch.device for --device."""
+    kinds = ["cpu"]
+    if torch.accelerator.is_available():
+        kinds.append(torch.accelerator.current_accelerator().type)
+    if name == "auto":
+        name = kinds[-1]
+    check(name.split(":")[0] in kinds, f"no device {name!r} here: use auto or {', '.join(kinds)}")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def use_bfloat16(device, dtype):
+    """Whether to use bfloat16 matmuls."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(False)
+    cpu = torch.cpu.get_capabilities()
+    return device.type == "cpu" and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
+
+
+@contextmanager
+def ctrl_c_stops():
+    """Ctrl-C makes the yielded list non-empty: stop after this step and save."""
+    stop = []
+
+    def request_stop(*signal_args):
+        if stop:
+            signal.default_int_handler(*signal_args)  # raises KeyboardInterrupt
+        stop.append(True)
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare_data(config, cfg, log):
+    """The run's tokenizer, token arrays, and config with the tokenizer's vocab_size."""
+    if RANK != 0:
+        dist.barrier()
+    vocab_size = config.vocab_size
+    # A released model brings its own tokenizer.
+    if cfg.init_from:
+        vocab_size = None
+    # A tokenizer made here for this text and size is reused.
+    tok, train_path, val_path = bpe.prepare_corpus(cfg.data, cfg.out_dir, vocab_size, log=log,
+                                                   resume=cfg.resume)
+    if WORLD_SIZE > 1 and RANK == 0:
+        dist.barrier()
+    splits = {"train": load_tokens(train_path), "val": load_tokens(val_path)}
+    for split, tokens in splits.items():
+        check(len(tokens) > config.block_size,
+              f"the {split} split has {len(tokens)} tokens, too few for a window")
+    # A tiny text stops BPE early.
+    if not cfg.init_from:
+        config = replace(config, vocab_size=tok.vocab_size)
+    return config, tok, splits
+
+
+def evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s):
+    """Evaluate both splits on the same batches each time, so that numbers compare, and log;
+    process 0 saves the checkpoint and a log.csv row."""
+    block_size = run.model.config.block_size
+    char_counts = torch.tensor(run.tok.char_counts(), device=run.model.lm_head.weight.device)
+    losses = []
+    for tokens in splits.values():
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        batches = (get_batch(tokens, cfg.batch_size, block_size, generator, RANK, WORLD_SIZE)
+                   for _ in range(cfg.eval_iters))
+        losses += evaluate(model, batches, char_counts, char_counts.device, autocast)
+    train_loss, train_bpc, val_loss, val_bpc = losses
+    eta = (cfg.max_iters - run.step) * run.elapsed / run.step  # seconds
+    if cfg.max_time:
+        eta = cfg.max_time - run.elapsed
+    if RANK == 0:
+        print(f"eval step {run.step}: train loss {train_loss:.4f}, {train_bpc:.3f} bpc | "
+              f"val loss {val_loss:.4f}, {val_bpc:.3f} bpc | {tokens_per_s:,.0f} tok/s | "
+              f"elapsed {timedelta(seconds=round(run.elapsed))} | "
+              f"ETA {timedelta(seconds=round(max(0, eta)))}")
+    # The weights may be NaN now: then no save.
+    check(all(map(math.isfinite, losses)), f"loss not finite at step {run.step}: try a lower --lr")
+    if RANK == 0:
+        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", run, cfg.max_time)
+        row = [run.step, lr, *losses, round(tokens_per_s), round(run.elapsed, 1)]
+        # This step's aux loss, smallest and largest expert share.
+        row += run.model.balance().tolist()
+        with open(Path(cfg.out_dir) / "log.csv", "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(row)
+
+
+def train_loop(run, model, splits, cfg, autocast, log):
+    """Train run.model through model (compiled or wrapped) until max_iters, the time budget
+    or Ctrl-C."""
+    block_size = run.model.config.block_size
+    device = run.model.lm_head.weight.device
+    first_step = run.step
+    elapsed_before = run.elapsed
+    start = time.time()
+    budget = cfg.max_time or math.inf
+    stopping = elapsed_before >= budget  # a budget spent already
+    with ctrl_c_stops() as stop:
+        while (cfg.max_time or run.step < cfg.max_iters) and not stopping:
+            lr = get_lr(run.step, cfg, run.elapsed)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.time()
+            x, y = get_batch(splits["train"], cfg.batch_size, block_size, run.batches, RANK,
+                             WORLD_SIZE)
+            loss = train_step(model, run.optimizer, x.to(device), y.to(device), cfg.grad_clip,
+                              autocast)
+            run.step += 1
+            tokens_per_s = cfg.batch_size * block_size * WORLD_SIZE / (time.time() - step_start)
+            elapsed = elapsed_before + time.time() - start
+            stopping = bool(stop) or elapsed > budget
+            # One process's stop or NaN (a sum keeps it) stops all, lest the rest wait
+            # forever. Process 0's clock sets the lr.
+            status = torch.tensor([stopping, loss.item() / WORLD_SIZE, elapsed * (RANK == 0)],
+                                  device=device)
+            if WORLD_SIZE > 1:
+                dist.all_reduce(status)
+            stopping, loss, run.elapsed = status.tolist()
+            # No way back from NaN: the last checkpoint stays.
+            check(math.isfinite(loss), f"loss not finite at step {run.step}: try a lower --lr")
+            if run.step == first_step + 1 or run.step % 10 == 0:
+                aux_loss, low, high = run.model.balance().tolist()
+                progress = f"{run.step}/{cfg.max_iters}"
+                if cfg.max_time:
+                    progress = f"{run.step} ({run.elapsed:.0f}s of {cfg.max_time:.0f}s)"
+                log(f"step {progress} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s | balance: aux loss {aux_loss:.3f}, "
+                    f"expert shares {low:.1%} to {high:.1%}")
+            # Under a time budget, max_iters counts nothing.
+            at_end = run.step == cfg.max_iters and not cfg.max_time
+            if run.step % cfg.eval_interval == 0 or at_end or stopping:
+                evaluate_and_save(model, run, splits, cfg, autocast, lr, tokens_per_s)
+    return bool(stop)
+
+
+def train(config, cfg):
+    """Train a gpt-oss of shape `config` on cfg.data into cfg.out_dir; DDP under torchrun."""
+    device = pick_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    # An out_dir we cannot write fails now, before the BPE.
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=cfg.out_dir).close()
+    log = print if RANK == 0 else lambda *args: None
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # A bad checkpoint fails before any work.
+    checkpoint = load_checkpoint(ckpt_path)[2] if cfg.resume else None
+    check(cfg.resume or not ckpt_path.exists(),
+          f"{ckpt_path} exists: --resume continues it, or use another --out-dir")
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config, tok, splits = prepare_data(config, cfg, log)
+    # The same initial weights in every process.
+    torch.manual_seed(cfg.seed)
+    raw_model = GptOss(config).to(device)
+    optimizer = configure_optimizer(raw_model, cfg, device)
+    run = Run(raw_model, optimizer, tok, torch.Generator().manual_seed(cfg.seed))
+    if checkpoint:
+        restore(run, checkpoint, ckpt_path)
+        # The run's budget, unless given a new one.
+        cfg = replace(cfg, max_time=cfg.max_time or checkpoint.get("max_time"))
+        log(f"resuming from {ckpt_path} at step {run.step}")
+    elif cfg.init_from:
+        # Fine-tuning.
+        load_pretrained_weights(raw_model, cfg.init_from)
+    if not checkpoint and RANK == 0:
+        columns = ("step,lr,train_loss,train_bpc,val_loss,val_bpc,tokens_per_s,elapsed_s,"
+                   "aux_loss,min_expert_share,max_expert_share")
+        (Path(cfg.out_dir) / "log.csv").write_text(columns + "\n")
+    bfloat16 = use_bfloat16(device, cfg.dtype)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    # run.model stays plain, as checkpoints keep it.
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if WORLD_SIZE > 1:
+        model = DistributedDataParallel(model)
+    active = raw_model.num_params(active=True)
+    log(f"{MODEL}: {raw_model.num_params() / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per "
+        f"token, {config}")
+    log(f"tokens: {len(splits['train']):,} train, {len(splits['val']):,} val | {device}, "
+        f"{'bfloat16' if bfloat16 else 'float32'}, {WORLD_SIZE} process(es)")
+    try:
+        stopped = train_loop(run, model, splits, cfg, autocast, log)
+        if WORLD_SIZE > 1:
+            # One process leaving early can abort another.
+            dist.barrier()
+    finally:
+        if WORLD_SIZE > 1:
+            dist.destroy_process_group()
+    if stopped:
+        log(f"stopped by Ctrl-C at step {run.step}: saved {ckpt_path}; --resume continues")
+    else:
+        log(f"done: {ckpt_path} is at step {run.step}")
+    return raw_model
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def load_trained(out_dir, device, init_from=None):
+    """The model and tokenizer of the run in out_dir, or of the folder init_from."""
+    if init_from:
+        model = GptOss.from_pretrained(init_from)
+        tok = pretrained_tokenizer(init_from)
+    else:
+        model, tok, _ = load_checkpoint(Path(out_dir) / "ckpt.pt")
+    return model.to(device).eval(), tok
+
+
+def cmd_sample(args):
+    """`sample`: stream generated text to stdout, the speed to stderr."""
+    # Bad flags fail before the model loads.
+    check(args.max_new_tokens >= 0,
+          f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    check(not (args.prompt and args.prompt_file), "give --prompt or --prompt-file, not both")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device, args.init_from)
+    check(tok or args.prompt_ids,
+          "this model has no tokenizer: give --prompt-ids 1 2 3")
+    check(not args.prompt_ids or not (args.prompt or args.prompt_file),
+          "give --prompt or --prompt-ids, not both")
+    prompt = args.prompt or ""
+    # Bytes that are not UTF-8 reach argv as lone surrogates (PEP 383).
+    check(not any("\udc80" <= c <= "\udcff" for c in prompt),
+          "the prompt is not UTF-8, nor perhaps the terminal: use --prompt-file")
+    if args.prompt_file:
+        prompt = bpe.read_text(args.prompt_file)
+    ids = args.prompt_ids or tok.encode_prompt(prompt)
+    check(0 <= min(ids) <= max(ids) < model.config.vocab_size,
+          f"--prompt-ids must be ids of the model, 0 to {model.config.vocab_size - 1}")
+    idx = torch.tensor([ids], device=device)
+    torch.manual_seed(args.seed)
+    n_tokens = 0
+    start = time.time()
+
+    def new_ids():
+        nonlocal n_tokens
+        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p, args.cache):
+            n_tokens += 1
+            id = token.item()  # one sync with the device per token
+            if tok and id == tok.eos_id:
+                return
+            yield id
+
+    # Text, or without a tokenizer the ids.
+    if args.prompt_ids:
+        prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
+    print(prompt, end="")
+    pieces = tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids())
+    for text in pieces:
+        print(text, end="", flush=True)
+    print()
+    print(f"{n_tokens} tokens in {time.time() - start:.2f}s", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights: Hugging Face's gpt-oss in, ours out
+#
+# Hugging Face publishes gpt-oss models as a folder: config.json (the shape),
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
+# bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
+# are theirs but for the experts, which transformers stacks: see unstack_experts.
+
+# Their config.json's keys: ours.
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "block_size",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "hidden_size": "n_embd",
+    "rms_norm_eps": "norm_eps",
+    "num_key_value_heads": "n_kv_head",
+    "rope_theta": "rope_theta",
+    "intermediate_size": "mlp_hidden",
+    "tie_word_embeddings": "tie_embeddings",
+    "sliding_window": "sliding_window",
+    "num_local_experts": "n_expert",
+    "num_experts_per_tok": "n_expert_per_token",
+    "router_aux_loss_coef": "router_aux_loss_coef",
+    "head_dim": "head_size",
+    "swiglu_limit": "swiglu_limit",
+}
+# config.json's settings of gpt-oss variants: the values gpt_oss.py computes, transformers' default
+# first.
+SUPPORTED = {
+    "architectures": (["GptOssForCausalLM"],),
+    "model_type": ("gpt_oss",),
+    "attention_bias": (True,),
+    "swiglu_alpha": (SWIGLU_ALPHA,),
+}
+# transformers' names of a full and a windowed layer, as is_windowed(layer) indexes them.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# transformers' RoPE for a gpt-oss config.json that names none.
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+
+
+def config_from_pretrained(folder):
+    """The GptOssConfig of a Hugging Face gpt-oss config.json; other models are refused."""
+    path = Path(folder) / "config.json"
+    check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
+    for key, computed in SUPPORTED.items():
+        values = " or ".join(map(repr, computed))
+        check(hf.get(key, computed[0]) in computed,
+              f"{path} sets {key} to {hf.get(key)!r}: gpt_oss.py computes {values}")
+    # transformers' key since version 5, and before
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or GPT_OSS_YARN
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    check(rope_type in ("default", "yarn") and not rope.keys() & {"attention_factor", "mscale"},
+          f"{path} asks for RoPE scaling {rope_type!r}, which gpt_oss.py does not compute")
+    scaling = None
+    if rope_type == "yarn":
+        scaling = {key: rope.get(key) for key in YARN_SCALING}
+        # transformers' defaults
+        scaling["beta_fast"] = scaling["beta_fast"] or 32.0
+        scaling["beta_slow"] = scaling["beta_slow"] or 1.0
+        scaling["truncate"] = rope.get("truncate", True)
+    # transformers' defaults, and version 5's rope_parameters
+    defaults = {
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 150000.0,
+        "sliding_window": 128,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 4,
+        "router_aux_loss_coef": 0.001,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "swiglu_limit": 7.0,
+    }
+    hf = {**defaults, **hf, **(hf.get("rope_parameters") or {})}
+    missing = ", ".join(sorted(CONFIG_KEYS.keys() - hf.keys()))
+    check(not missing, f"{path} lacks {missing}")
+    # No window (Mistral 7B v0.2 on): the same model as a window of all positions.
+    if hf["sliding_window"] is None:
+        hf["sliding_window"] = hf["max_position_embeddings"]
+    try:
+        config = GptOssConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()},
+                               rope_scaling=scaling)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    alternating = [LAYER_TYPES[is_windowed(layer)] for layer in range(config.n_layer)]
+    check(hf.get("layer_types", alternating) == alternating,
+          f"{path} orders its layers otherwise than sliding, full, sliding, ...: "
+          "gpt_oss.py alternates them")
+    return config
+
+
+# MXFP4 (OCP Microscaling, 2023), gpt-oss's experts as released: each weight a 4-bit float
+# (E2M1: sign, 2 exponent bits, 1 mantissa bit), two a byte, and each block of 32 shares a
+# scale, a power of two stored as exponent + 127 in a byte: 4.25 bits a weight.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks, scales):
+    """The float32 weights (..., rows, n_block * 32) of MXFP4 blocks (..., rows, n_block, 16),
+    uint8, two 4-bit codes a byte, the low half first, and their scales
+    (..., rows, n_block), uint8."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1)  # (..., n_block, 16, 2)
+    values = torch.tensor(FP4_VALUES)[codes.int()].flatten(-2)  # (..., n_block, 32)
+    exponents = scales.int()[..., None] - 127  # (..., n_block, 1)
+    return torch.ldexp(values, exponents).flatten(-2)  # (..., rows, n_block * 32)
+
+
+def unstack_experts(weights):
+    """transformers' experts, stacked per layer, as ours, one MLP each: gate_up_proj
+    (n_expert, n_embd, 2 * mlp_hidden) and down_proj (n_expert, mlp_hidden, n_embd), as
+    x @ w, and their biases (n_expert, out); MXFP4 blocks dequantized first."""
+    ours = {}
+    for name, weight in weights.items():
+        if name.endswith("_blocks"):
+            name = name.removesuffix("_blocks")
+            # (n_expert, in, out), as transformers stores it unquantized
+            weight = dequantize_mxfp4(weight, weights[name + "_scales"]).transpose(1, 2)
+        prefix, stacked, kind = name.partition(".experts.")
+        if not stacked:
+            ours[name] = weight
+        elif kind.endswith("_bias"):
+            for e, w in enumerate(weight):
+                ours[f"{prefix}.experts.{e}.{kind.removesuffix('_bias')}.bias"] = w
+        elif not kind.endswith("_scales"):
+            for e, w in enumerate(weight):
+                ours[f"{prefix}.experts.{e}.{kind}.weight"] = w.T  # (out, in), nn.Linear's
+    return ours
+
+
+def stack_experts(weights, config):
+    """unstack_experts' inverse, for export."""
+    hf = {}
+    for name, weight in weights.items():
+        prefix, stacked, kind = name.partition(".experts.0.")
+        if ".experts." not in name:
+            hf[name] = weight
+        elif stacked:
+            experts = [weights[f"{prefix}.experts.{e}.{kind}"] for e in range(config.n_expert)]
+            param, _, which = kind.partition(".")
+            if which == "bias":
+                hf[f"{prefix}.experts.{param}_bias"] = torch.stack(experts)
+            else:
+                hf[f"{prefix}.experts.{param}"] = torch.stack(experts).transpose(1, 2)
+    return hf
+
+
+def load_pretrained_weights(model, folder):
+    """Copy a Hugging Face gpt-oss folder's weights into `model`, a GptOss of its shape: the same
+    names but for the experts (unstack_experts), a tied head perhaps stored once; RoPE's saved
+    frequencies left out."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        path = path.with_name("pytorch_model.bin")
+    check(path.is_file(),
+          f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
+    # .bin: plain data only (weights_only), no code run from the file.
+    try:
+        if path.suffix == ".safetensors":
+            weights = safetensors.torch.load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, foreign, ...
+        raise ValueError(f"{path} is corrupt: it cannot be read") from None
+    check(isinstance(weights, dict), f"{path} holds no state dict of weights")
+    ours = {}
+    for name, weight in weights.items():
+        if not name.endswith("rotary_emb.inv_freq"):
+            ours[name] = weight
+    if model.config.tie_embeddings and "model.embed_tokens.weight" in ours:
+        ours["lm_head.weight"] = ours["model.embed_tokens.weight"]  # tied
+    # load_state_dict copies, converting to the model's float32.
+    try:
+        model.load_state_dict(unstack_experts(ours))
+    except (RuntimeError, KeyError, IndexError) as e:  # names or shapes config.json does not make
+        raise ValueError(f"{folder}'s weights do not fit GptOss as its config.json describes it: "
+                         f"{e}") from None
+    return model
+
+
+def pretrained_tokenizer(folder):
+    """The tokenizer of a Hugging Face folder, checked against its model; None if it has
+    none (tokenizer.json, or vocab.json and merges.txt)."""
+    names = ("tokenizer.json", "vocab.json")
+    if not any((Path(folder) / name).is_file() for name in names):
+        return None
+    tok = bpe.Tokenizer.from_pretrained(folder)
+    vocab_size = config_from_pretrained(folder).vocab_size
+    check(tok.vocab_size <= vocab_size,
+          f"{folder}'s tokenizer has {tok.vocab_size} tokens, its model {vocab_size}: "
+          "the tokenizer and the weights do not belong together")
+    return tok
+
+
+def fine_tuning_config(folder, out_dir, dropout):
+    """`train --init-from`'s config, the folder's (with our dropout); saves its tokenizer
+    as the run's."""
+    config = config_from_pretrained(folder)
+    tok = pretrained_tokenizer(folder)
+    # The corpus becomes bpe.py's token arrays: 2 bytes a token, <|endoftext|> between texts.
+    byte_level = type(tok) is bpe.Tokenizer and bpe.EOT in tok.special_tokens
+    check(byte_level and tok.vocab_size <= bpe.MAX_VOCAB_SIZE,
+          f"train --init-from needs a byte-level BPE with {bpe.EOT}, as bpe.py's: "
+          f"{folder}'s tokenizer is not one")
+    tok_path = Path(out_dir) / "tokenizer.json"
+    ours = not tok_path.exists() or bpe.Tokenizer.load(tok_path).fingerprint == tok.fingerprint
+    check(ours,
+          f"{tok_path} is another tokenizer than {folder}'s: fine-tune into another --out-dir")
+    # Under torchrun the others wait for process 0.
+    if not tok_path.exists() and RANK == 0:
+        tok.save(tok_path)
+    return replace(config, dropout=dropout)
+
+
+def export(model, tok, folder):
+    """Write model and tokenizer as a Hugging Face gpt-oss folder, --init-from's inverse:
+    config.json, model.safetensors (the experts stacked), tokenizer.json."""
+    folder = Path(folder)
+    config = model.config
+    hf_config = {theirs: getattr(config, ours) for theirs, ours in CONFIG_KEYS.items()}
+    hf_config.update({key: computed[0] for key, computed in SUPPORTED.items()})
+    hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    hf_config["layer_types"] = [LAYER_TYPES[is_windowed(layer)] for layer in range(config.n_layer)]
+    # Named, as transformers would otherwise assume YaRN.
+    hf_config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        hf_config["rope_parameters"].update(rope_type="yarn", **config.rope_scaling)
+    weights = stack_experts(model.state_dict(), config)
+    weights = {name: weight.contiguous() for name, weight in weights.items()}
+    if config.tie_embeddings:
+        del weights["lm_head.weight"]  # stored once, as embed_tokens
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    print(f"wrote {folder}:", *sorted(path.name for path in folder.iterdir()))
+
+
+def cmd_export(args):
+    """`export`: the run in --out-dir as a Hugging Face gpt-oss folder."""
+    to = Path(args.to or Path(args.out_dir) / "hf")
+    check(to.resolve() != Path(args.out_dir).resolve(),
+          "--to must be another folder than --out-dir, whose tokenizer.json is the run's")
+    model, tok = load_trained(args.out_dir, torch.device("cpu"))
+    export(model, tok, to)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, reporting a bad flag like any bad input: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_fields(parser, config_class, *names):
+    """A flag for each field of config_class (or the named ones): --n-layer, n_layer."""
+    for f in fields(config_class):
+        if names and f.name not in names:
+            continue
+        kind = f.type
+        if not isinstance(kind, type):
+            kind = kind.__args__[0]  # int | None converts with int
+        kind = f.metadata.get("type", kind)
+        default = f.default
+        if callable(f.default_factory):
+            default = f.default_factory()
+        options = dict(type=kind, default=default)
+        if kind is bool:
+            options = dict(action="store_true")
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
+
+
+def cmd_train(args):
+    config = GptOssConfig(**{f.name: getattr(args, f.name) for f in fields(GptOssConfig)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    # The pretrained model's shape replaces the flags'.
+    if cfg.init_from:
+        config = fine_tuning_config(cfg.init_from, cfg.out_dir, config.dropout)
+    train(config, cfg)
+
+
+def cmd_eval(args):
+    """`eval`: loss and bits per character on a validation split or a file."""
+    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, tok = load_trained(args.out_dir, device, args.init_from)
+    check(tok, f"{args.init_from} has no tokenizer: tokenizer.json, or vocab.json")
+    check(args.data or args.text or not args.init_from,
+          "eval --init-from scores --data DIR or --text FILE")
+    if args.text:
+        what = args.text
+        # The end-of-text token first, as in the .bin files.
+        tokens = torch.tensor(tok.encode_prompt(bpe.read_text(args.text)))
+    elif args.data:  # with this tokenizer
+        what = f"validation split of {args.data}"
+        docs = bpe.split_corpus(bpe.read_corpus(args.data))[1]
+        tokens = torch.tensor([id for _, text in docs for id in tok.encode_prompt(text)])
+    else:  # the run's own, as train encoded it
+        what = f"validation split of {args.out_dir}"
+        tokens = load_tokens(Path(args.out_dir) / "val.bin")
+    check(len(tokens) > 1, f"{what} has no token to predict")
+    batches = sequential_batches(tokens, args.batch_size, model.config.block_size)
+    char_counts = torch.tensor(tok.char_counts(), device=device)
+    loss, bpc = evaluate(model, batches, char_counts, device)
+    print(f"{what}: loss {loss:.4f} per token, {bpc:.4f} bits per character "
+          f"({len(tokens) - 1:,} tokens)")
+
+
+def build_parser():
+    parser = ArgumentParser(prog=f"{MODEL}.py", description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help, run, *run_fields):
+        # No abbreviations: a typo is an error, not another flag (--max-iter).
+        sub = commands.add_parser(name, help=help, allow_abbrev=False,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(run=run)
+        add_fields(sub, TrainConfig, *run_fields)
+        return sub
+
+    add_fields(command("train", "train a model", cmd_train), GptOssConfig)
+    sample = command("sample", "generate text", cmd_sample, "out_dir", "init_from", "seed",
+                     "device")
+    sample.add_argument("--prompt", help="the text to continue (None: a blank page)")
+    sample.add_argument("--prompt-file", help="the prompt, from this UTF-8 file")
+    sample.add_argument("--prompt-ids", type=int, nargs="+",
+                        help="the prompt as token ids (no tokenizer: ids out too)")
+    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="0: greedy; higher: more random")
+    sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    sample.add_argument("--top-p", type=float,
+                        help="sample from the likeliest tokens holding this probability")
+    # Not "(default: True)", which would read as if the cache were off.
+    sample.set_defaults(cache=True)
+    sample.add_argument("--no-cache", dest="cache", action="store_false",
+                        default=argparse.SUPPRESS,
+                        help="generate without the KV-cache (default: with it)")
+    eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
+                        "batch_size", "device")
+    eval_args.add_argument("--data",
+                           help="score this corpus's validation split (None: the run's own)")
+    eval_args.add_argument("--text", help="score this UTF-8 file instead")
+    export_args = command("export", "write a run as a Hugging Face gpt-oss folder", cmd_export,
+                          "out_dir")
+    export_args.add_argument("--to", metavar="DIR",
+                             help="the folder to write (None: hf in --out-dir)")
+    return parser
+
+
+def dialogue_prompt(argv):
+    """argv with `--prompt -Да` as `--prompt=-Да`: argparse reads a line of dialogue,
+    which starts with a dash, as a flag."""
+    argv = list(argv)
+    for i, value in enumerate(argv[1:]):
+        one_dash = value.startswith("-") and not value.startswith("--")
+        if argv[i] == "--prompt" and one_dash and value != "-h":
+            argv[i : i + 2] = [f"--prompt={value}"]
+            break
+    return argv
+
+
+def main(argv=None):
+    """Run a command; a user's mistake ends as one line on stderr and exit code 1."""
+    args = build_parser().parse_args(dialogue_prompt(sys.argv[1:] if argv is None else argv))
+    # UTF-8 whatever the console's code page.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+    try:
+        args.run(args)
+    except BrokenPipeError:
+        # `| head` closed the pipe: end quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        # The CPU's is a plain RuntimeError, CUDA's and MPS's a subclass.
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if not oom and "can't allocate memory" not in str(e):
+            raise
+        print("error: out of memory: try a smaller --batch-size, --block-size or model",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
