@@ -11,9 +11,10 @@ writer, its metadata keys and its map from Hugging Face's tensor names to llama.
     llama-cli -m llama.gguf -p "Мой дядя"
 
 Architectures: gpt2, llama (llama.py, mistral.py, and mixtral.py as llama with experts),
-gemma, qwen3, gemma3 and gemma2 (gemma3.py), and gpt-oss. Where llama.cpp would compute
-another model than ours, the folder is refused, never written. Within the context, that
-is: past it, llama.cpp attends to every key, where our models crop or slide their window.
+gemma, qwen3, gemma3 and gemma2 (gemma3.py), gpt-oss, and deepseek2 (deepseek.py). Where
+llama.cpp would compute another model than ours, the folder is refused, never written. Within
+the context, that is: past it, llama.cpp attends to every key, where our models crop or slide
+their window.
 """
 
 import argparse
@@ -43,6 +44,7 @@ ARCHITECTURES = {
     "gemma3_text": "gemma3",
     "gemma2": "gemma2",
     "gpt_oss": "gpt-oss",
+    "deepseek_v3": "deepseek2",
 }
 # Gemma 2 and 3: layers with windows, and llama.cpp's Gemma norms (1 + w stored as w).
 SWA = ("gemma2", "gemma3")
@@ -50,6 +52,8 @@ GEMMA = ("gemma", *SWA)
 # GPT-2's Conv1D weights are (in, out); llama.cpp's, as nn.Linear's, (out, in).
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 DTYPES = ("f32", "f16", "bf16")
+# DeepSeek-V3's projections whose last qk_rope_head_dim rows of each head make q_rope or k_rope.
+ROPE_ROWS = (".q_proj.weight", ".q_b_proj.weight", ".kv_a_proj_with_mqa.weight")
 
 
 def check(ok, message):
@@ -118,6 +122,8 @@ def write_hyperparameters(writer, arch, config):
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
+    if arch == "deepseek2":
+        return write_mla(writer, config)
     head_dim = config["head_dim"]
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
@@ -131,6 +137,31 @@ def write_hyperparameters(writer, arch, config):
         writer.add_expert_feed_forward_length(config["intermediate_size"])
     if arch in SWA:
         write_windows(writer, arch, config)
+
+
+def write_mla(writer, config):
+    """DeepSeek-V3's latent attention and experts in llama.cpp's deepseek2 keys. llama.cpp
+    runs MLA as one key and value head over the latent (kv_lora_rank features, plus k_rope's
+    for the keys), as deepseek.py decodes."""
+    rope_dim = config["qk_rope_head_dim"]
+    writer.add_key_length(config["kv_lora_rank"] + rope_dim)
+    writer.add_value_length(config["kv_lora_rank"])
+    writer.add_key_length_mla(config["qk_nope_head_dim"] + rope_dim)
+    writer.add_value_length_mla(config["v_head_dim"])
+    writer.add_rope_dimension_count(rope_dim)
+    if config["q_lora_rank"]:
+        writer.add_q_lora_rank(config["q_lora_rank"])
+    writer.add_kv_lora_rank(config["kv_lora_rank"])
+    writer.add_leading_dense_block_count(config["first_k_dense_replace"])
+    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    writer.add_expert_count(config["n_routed_experts"])
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    writer.add_expert_shared_count(config["n_shared_experts"])
+    writer.add_expert_group_count(config["n_group"])
+    writer.add_expert_group_used_count(config["topk_group"])
+    writer.add_expert_weights_scale(config["routed_scaling_factor"])
+    writer.add_expert_weights_norm(config["norm_topk_prob"])
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
 def write_windows(writer, arch, config):
@@ -188,6 +219,11 @@ def llama_cpp_tensors(arch, config, weights):
         if arch == "gpt-oss":
             yield from gpt_oss_tensors(name, weight)
             continue
+        if arch == "deepseek2":
+            name, weight = deepseek2_tensor(name, weight, config)
+        if name.endswith("kv_b_proj.weight"):
+            yield from split_kv_b(name, weight, config)
+            continue
         if arch == "gpt2" and name.endswith(CONV1D):
             weight = weight.t()
         if arch in GEMMA and name.endswith("norm.weight"):
@@ -229,6 +265,33 @@ def gpt_oss_tensors(name, weight):
         yield prefix + "experts.down_proj.bias", weight
 
 
+def deepseek2_tensor(name, weight, config):
+    """DeepSeek-V3's tensor as llama.cpp's deepseek2 reads it: the rows that make q_rope and
+    k_rope turn neighbours, as DeepSeek's own weights do (rope_interleave; our export turns
+    halves); the router's bias under the name the map knows."""
+    name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+    rope_dim = config["qk_rope_head_dim"]
+    if config.get("rope_interleave", True) or not name.endswith(ROPE_ROWS):
+        return name, weight
+    head_dim = config["qk_nope_head_dim"] + rope_dim
+    if "kv_a_proj" in name:
+        head_dim = config["kv_lora_rank"] + rope_dim
+    w = weight.reshape(-1, head_dim, weight.size(-1))  # (heads, head_dim, in)
+    halves = w[:, head_dim - rope_dim :].unflatten(1, (2, rope_dim // 2))
+    rope = halves.transpose(1, 2).flatten(1, 2)  # (heads, rope_dim, in): x0 x_d/2 x1 ...
+    return name, torch.cat([w[:, : head_dim - rope_dim], rope], dim=1).view(weight.shape)
+
+
+def split_kv_b(name, weight, config):
+    """kv_b_proj (n_head * (qk_nope + v), kv_lora_rank) as llama.cpp's MLA wants it: k_b
+    (n_head, kv_lora_rank, qk_nope), to absorb into the queries, and v_b (n_head, v,
+    kv_lora_rank)."""
+    nope = config["qk_nope_head_dim"]
+    kv_b = weight.unflatten(0, (config["num_attention_heads"], -1))
+    yield name.replace("kv_b_proj", "k_b_proj"), kv_b[:, :nope].transpose(1, 2)
+    yield name.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:]
+
+
 def convert(folder, path, dtype="f32"):
     """Write the exported folder as the GGUF file at path (atomically). Raises ValueError
     for what llama.cpp cannot run as our model, or a folder that is not an export."""
@@ -252,6 +315,9 @@ def write_gguf(folder, path, dtype, config, weights, tok):
         config = {"head_dim": 128, **config}
     elif arch != "gpt2":
         config = {"head_dim": config["hidden_size"] // config["num_attention_heads"], **config}
+    # llama.cpp's MLA: one key and value head, shared by all (see write_mla).
+    if arch == "deepseek2":
+        config = {**config, "num_key_value_heads": 1}
     n_layer = config.get("num_hidden_layers") or config.get("n_layer")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], n_layer)
     tmp = Path(f"{path}.tmp")

@@ -34,6 +34,8 @@ MODELS = {
     "gemma2": ("gemma3", "gemma2", dict(n_layer=4, sliding_window=8, sliding_window_pattern=2, qk_norm=False,
                                         attn_logit_softcapping=3.0, final_logit_softcapping=5.0, rope_local_theta=1e6)),
     "gpt_oss": ("gpt_oss", "gpt-oss", dict(n_layer=3, sliding_window=8, n_expert=4)),
+    "deepseek": ("deepseek", "deepseek2", dict(n_layer=3, first_k_dense=1, q_lora_rank=24, n_expert=8,
+                                               n_expert_per_token=2, n_group=2, topk_group=1)),
 }
 PROMPT = "Мой дядя самых честных правил"
 
@@ -73,10 +75,30 @@ def test_the_file_holds_what_llama_cpp_reads(converted, tok):
         assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
     if arch in ("gemma2", "gemma3", "gpt-oss"):
         assert reader.fields[f"{arch}.attention.sliding_window"].parts[-1][0] == 8
+    if arch in ("gemma2", "gemma3"):
+        assert "blk.0.post_attention_norm.weight" in names and "blk.0.post_ffw_norm.weight" in names
     if arch == "gpt-oss":
         assert {"blk.2.attn_sinks.weight", "blk.0.ffn_up_exps.bias", "blk.0.attn_q.bias"} <= names
-        return
-        assert "blk.0.post_attention_norm.weight" in names and "blk.0.post_ffw_norm.weight" in names
+    if arch == "deepseek2":
+        assert {"blk.0.ffn_gate.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_shexp.weight",
+                "blk.1.exp_probs_b.bias", "blk.1.attn_q_a.weight", "blk.1.attn_kv_a_mqa.weight",
+                "blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight"} <= names
+
+
+def test_deepseek_rope_rows_turn_neighbours_as_released_weights_do(converted):
+    """deepseek.py reads a released folder's rows with rope_halves: the GGUF's rows are those."""
+    model, path, arch = converted
+    if arch != "deepseek2":
+        pytest.skip("DeepSeek-V3's RoPE rows only")
+    import deepseek
+
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in gguf.GGUFReader(path).tensors}
+    released = {"q_b_proj.weight": tensors["blk.1.attn_q_b.weight"],
+                "kv_a_proj_with_mqa.weight": tensors["blk.1.attn_kv_a_mqa.weight"]}
+    ours = deepseek.rope_halves(released, model.config)
+    attention = model.model.layers[1].self_attn
+    assert torch.equal(ours["q_b_proj.weight"], attention.q_b_proj.weight)
+    assert torch.equal(ours["kv_a_proj_with_mqa.weight"], attention.kv_a_proj_with_mqa.weight)
 
 
 def test_llama_cpp_tokenizes_and_generates_as_we_do(converted, tok):

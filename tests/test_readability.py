@@ -35,7 +35,8 @@ CHAR_BUDGETS = {
     "gemma3.py": 60_000,
     "deepseek.py": 68_000,
     "gpt_oss.py": 66_000,
-    "hf_to_gguf.py": 13_000,
+    # The DeepSeek-V3 issue's deepseek2 (MLA's keys and tensors) beside the export issue's 13K.
+    "hf_to_gguf.py": 16_500,
     "playground.py": 20_000,
     "playground.html": 25_000,
 }
