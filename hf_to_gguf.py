@@ -98,6 +98,8 @@ def check_computable(arch, config):
           "RoPE scaling is not converted: llama.cpp would run unscaled")
     check(arch != "gpt-oss" or config["swiglu_limit"] == 7.0,
           f"swiglu_limit {config.get('swiglu_limit')}: llama.cpp's clamps at 7")
+    check(arch != "deepseek2" or config["n_shared_experts"] > 0,
+          "n_shared_experts 0: llama.cpp's deepseek2 has shared experts in every MoE block")
     # llama.cpp scales Gemma's scores by 1 / sqrt(head_dim), whatever query_pre_attn_scalar says.
     scalar = config.get("query_pre_attn_scalar")
     check(arch not in SWA or scalar == config.get("head_dim"),
@@ -149,8 +151,8 @@ def write_mla(writer, config):
     writer.add_key_length_mla(config["qk_nope_head_dim"] + rope_dim)
     writer.add_value_length_mla(config["v_head_dim"])
     writer.add_rope_dimension_count(rope_dim)
-    if config["q_lora_rank"]:
-        writer.add_q_lora_rank(config["q_lora_rank"])
+    # 0: one q_proj (llama.cpp reads the key in any case).
+    writer.add_q_lora_rank(config["q_lora_rank"] or 0)
     writer.add_kv_lora_rank(config["kv_lora_rank"])
     writer.add_leading_dense_block_count(config["first_k_dense_replace"])
     writer.add_expert_feed_forward_length(config["moe_intermediate_size"])

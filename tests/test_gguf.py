@@ -157,6 +157,15 @@ def test_a_gpt_oss_llama_cpp_would_compute_otherwise_is_refused(settings, key, t
     assert one_line_error(result.returncode, result.stderr, key), result.stderr
 
 
+def test_a_deepseek_without_shared_experts_is_refused(tok, tmp_path):
+    import deepseek
+
+    model = TABLE["deepseek"].build(vocab_size=tok.vocab_size, **{**SHAPE, "n_shared_expert": 0})
+    deepseek.export(model, tok, tmp_path / "hf")
+    result = run_cli("hf_to_gguf", tmp_path / "hf", tmp_path / "model.gguf")
+    assert one_line_error(result.returncode, result.stderr, "n_shared_experts 0"), result.stderr
+
+
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_half_precision_files(tok, tmp_path, dtype):
     import llama
