@@ -100,6 +100,10 @@ def check_computable(arch, config):
           f"swiglu_limit {config.get('swiglu_limit')}: llama.cpp's clamps at 7")
     check(arch != "deepseek2" or config["n_shared_experts"] > 0,
           "n_shared_experts 0: llama.cpp's deepseek2 has shared experts in every MoE block")
+    # llama.cpp takes 26 or 27 layers for DeepSeek-V2-Lite, which has one q_proj.
+    lite = arch == "deepseek2" and config["num_hidden_layers"] in (26, 27)
+    check(not lite or not config["q_lora_rank"],
+          "26 or 27 layers with q_lora_rank: llama.cpp would read DeepSeek-V2-Lite's q_proj")
     # llama.cpp scales Gemma's scores by 1 / sqrt(head_dim), whatever query_pre_attn_scalar says.
     scalar = config.get("query_pre_attn_scalar")
     check(arch not in SWA or scalar == config.get("head_dim"),
@@ -151,7 +155,7 @@ def write_mla(writer, config):
     writer.add_key_length_mla(config["qk_nope_head_dim"] + rope_dim)
     writer.add_value_length_mla(config["v_head_dim"])
     writer.add_rope_dimension_count(rope_dim)
-    # 0: one q_proj (llama.cpp reads the key in any case).
+    # 0: one q_proj.
     writer.add_q_lora_rank(config["q_lora_rank"] or 0)
     writer.add_kv_lora_rank(config["kv_lora_rank"])
     writer.add_leading_dense_block_count(config["first_k_dense_replace"])

@@ -6,10 +6,6 @@ released checkpoint, several side by side.
     python playground.py --out-dir checkpoints/gpt2 checkpoints/llama  # side by side
     python playground.py --init-from DIR                               # a released checkpoint
 
-The page (playground.html) shows how the tokenizer cut the prompt, the generation as it
-streams with each token shaded by its probability, the distribution each token was drawn
-from, every head's attention, the experts of a mixture, and the KV-cache's size.
-
 The model files are not changed for it. It taps the functions they call by name, for the one
 forward pass it inspects: `attention(q, k, v, ...)` is linear in v, so the identity for v
 returns its weights (windows, sinks and latent attention included, as each file computes
@@ -24,10 +20,11 @@ import codecs
 import importlib
 import itertools
 import json
+import math
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,8 +35,10 @@ ROOT = Path(__file__).resolve().parent
 # The model files: a run's ckpt.pt names one, a released folder's model_type finds one.
 MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3", "gemma3", "deepseek",
           "gpt_oss"]
-# The attention maps show the last SPAN tokens' weights among themselves.
+# The attention maps show the last SPAN tokens' weights among themselves, or more to show
+# where a window cuts, up to MAX_SPAN.
 SPAN = 48
+MAX_SPAN = 128
 TOP = 10
 # A request's body: far above a prompt of a released model's whole context.
 MAX_BODY = 4_000_000
@@ -50,6 +49,7 @@ class PlaygroundError(ValueError):
 
 
 def check(ok, message):
+    """Raise PlaygroundError(message) unless ok."""
     if not ok:
         raise PlaygroundError(message)
 
@@ -84,7 +84,9 @@ def model_file_of(folder):
     """The model file whose SUPPORTED model_type a released folder's config.json has."""
     path = Path(folder) / "config.json"
     check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
-    model_type = json.loads(path.read_text(encoding="utf-8-sig")).get("model_type")
+    config = json.loads(path.read_text(encoding="utf-8-sig"))
+    check(isinstance(config, dict), f"{path} is not a JSON object")
+    model_type = config.get("model_type")
     for name in MODELS:
         supported = getattr(importlib.import_module(name), "SUPPORTED", {})
         if model_type in supported.get("model_type", ()):
@@ -167,6 +169,7 @@ def tapped(module, **functions):
 def tokens(run, text):
     """The prompt as the tokenizer cut it: each token's id, bytes and text; and its bits per
     character as the model file's `eval` computes them."""
+    check(isinstance(text, str), "the prompt must be text")
     check(text, "type a prompt first")
     ids = run.tok.encode_prompt(text)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -178,7 +181,9 @@ def tokens(run, text):
         batches = module.sequential_batches(torch.tensor(ids), 1, block_size)
         device = next(run.model.parameters()).device
         char_counts = torch.tensor(run.tok.char_counts(), device=device)
-        result["bpc"] = module.evaluate(run.model, batches, char_counts, device)[1]
+        bpc = module.evaluate(run.model, batches, char_counts, device)[1]
+        # NaN for a text of special tokens only, which JSON cannot carry.
+        result["bpc"] = bpc if math.isfinite(bpc) else None
         # evaluate leaves the model in training mode, for train's loop.
         run.model.eval()
     return result
@@ -192,12 +197,25 @@ def token_info(tok, id, decoder):
 
 def window(run, ids):
     """ids (a list) as a (1, T) tensor of the last block_size, on the model's device."""
-    check(ids, "no tokens to run")
+    check(isinstance(ids, list) and ids, "no tokens to run")
     vocab_size = run.model.config.vocab_size
-    check(all(isinstance(id, int) and 0 <= id < vocab_size for id in ids),
-          f"token ids must be 0 to {vocab_size - 1}")
+    valid = [type(id) is int and 0 <= id < vocab_size for id in ids]
+    check(all(valid), f"token ids must be 0 to {vocab_size - 1}")
     device = next(run.model.parameters()).device
     return torch.tensor([ids[-run.model.config.block_size :]], device=device)
+
+
+def next_logits(run, ids):
+    """The logits (vocab_size,) that the model file's `stream` draws the token after ids
+    from: those of the whole text where the model takes it (mistral.py's and mixtral.py's
+    windows slide), else of its last block_size tokens."""
+    idx = window(run, ids)
+    if len(ids) > idx.size(1):
+        try:
+            return run.model(torch.tensor([ids], device=idx.device))[0][0, -1]
+        except ValueError:  # longer than the context
+            pass
+    return run.model(idx)[0][0, -1]
 
 
 def cut(logits, temperature, top_k, top_p):
@@ -207,12 +225,16 @@ def cut(logits, temperature, top_k, top_p):
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return F.one_hot(logits.argmax(), logits.numel()).float()
-    sorted_logits, order = (logits.float() / temperature).sort(descending=True)
+    # As sample_next: the likeliest at 0, so that a tiny temperature gives -inf, never NaN.
+    logits = logits.float() - logits.max()
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
+    sorted_logits, order = logits.sort(descending=True)
     probs = F.softmax(sorted_logits, dim=-1)  # (vocab_size,), likeliest first
-    if top_k is not None:
-        probs[top_k:] = 0
+    if top_k is not None and top_k < probs.numel():
+        # Ties with the k-th likeliest stay, as in sample_next.
+        probs[sorted_logits < sorted_logits[top_k - 1]] = 0
         probs /= probs.sum()
-    if top_p < 1:
+    if top_p is not None and top_p < 1:
         # A token goes once those before it hold top_p; the first always stays.
         held_before = probs.cumsum(0) - probs
         probs[held_before >= top_p] = 0
@@ -225,14 +247,16 @@ def check_sampling(temperature, top_k, top_p):
     check(isinstance(temperature, (int, float)) and 0 <= temperature <= 10,
           "temperature must be 0 to 10")
     check(top_k is None or (isinstance(top_k, int) and top_k >= 1), "top_k must be at least 1")
-    check(isinstance(top_p, (int, float)) and 0 < top_p <= 1, "top_p must be in (0, 1]")
+    check(top_p is None or isinstance(top_p, (int, float)) and 0 < top_p <= 1,
+          "top_p must be in (0, 1]")
+    check(not isinstance(top_k, bool), "top_k must be a number")
 
 
 def distribution(run, ids, temperature=1.0, top_k=None, top_p=1.0):
     """The next token after ids: the TOP likeliest with their probability p (temperature 1)
     and q (drawn at these settings, after the cut), and how many tokens the cut keeps."""
     with torch.inference_mode():
-        logits = run.model(window(run, ids))[0][0, -1]  # (vocab_size,)
+        logits = next_logits(run, ids)  # (vocab_size,)
     p = F.softmax(logits.float(), dim=-1)
     q = cut(logits, temperature, top_k, top_p)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
@@ -250,22 +274,30 @@ def inspect(run, ids):
     attention, and the experts of each token where the model has a mixture."""
     module = run.module
     idx = window(run, ids)
-    maps = []
+    T = idx.size(1)
+    # The maps: the last tokens among themselves, wide enough to show where a window cuts.
+    window_size = getattr(run.model.config, "sliding_window", None) or 0
+    span = min(T, max(SPAN, min(MAX_SPAN, window_size + SPAN // 3)))
+    rows = []
+    corners = []
     routes = []
     attention = module.attention
     dispatch = getattr(module, "dispatch", None)
 
     def attention_tap(q, k, v, *args, **kwargs):
-        B, n_head, T, _ = q.size()
+        B, n_head, _, _ = q.size()
         T_k = k.size(-2)
         # Attention is linear in v: with the identity for v its output is its weights.
         eye = torch.eye(T_k, dtype=q.dtype, device=q.device).expand(B, n_head, T_k, T_k)
-        maps.append(attention(q, k, eye, *args, **kwargs)[0].float())  # (n_head, T, T_k)
+        weights = attention(q, k, eye, *args, **kwargs)[0].float()  # (n_head, T, T_k)
+        # Only what the page shows: a long text's whole maps would not fit in memory.
+        rows.append(weights[:, -1].cpu())  # (n_head, T_k)
+        corners.append(weights[:, -span:, -span:].cpu())  # (n_head, span, span)
         return attention(q, k, v, *args, **kwargs)
 
     def dispatch_tap(x, chosen, weights, experts):
         # chosen, weights (T, k): the layer is that of the attention just before.
-        routes.append({"layer": len(maps) - 1, "n_expert": len(experts),
+        routes.append({"layer": len(rows) - 1, "n_expert": len(experts),
                        "chosen": chosen.tolist(), "weights": weights.float().tolist()})
         return dispatch(x, chosen, weights, experts)
 
@@ -274,17 +306,15 @@ def inspect(run, ids):
         taps["dispatch"] = dispatch_tap
     with torch.inference_mode(), tapped(module, **taps):
         run.model(idx)
-    weights = torch.stack(maps)  # (n_layer, n_head, T, T)
-    span = min(SPAN, idx.size(1))
-    corner = weights[:, :, -span:, -span:]  # (n_layer, n_head, span, span)
-    corner = (corner * 255).round().to(torch.uint8).contiguous()
+    rows = torch.stack(rows)  # (n_layer, n_head, T)
+    corners = (torch.stack(corners) * 255).round().to(torch.uint8)  # (n_layer, n_head, span, span)
     return {
-        "offset": len(ids) - idx.size(1),
+        "offset": len(ids) - T,
         # The chosen token's weights on every key it sees, and what went to no token.
-        "rows": weights[:, :, -1].tolist(),
-        "none": (1 - weights[:, :, -1].sum(-1)).clamp(min=0).tolist(),
+        "rows": rows.tolist(),
+        "none": (1 - rows.sum(-1)).clamp(min=0).tolist(),
         "span": span,
-        "maps": base64.b64encode(corner.numpy().tobytes()).decode(),
+        "maps": base64.b64encode(corners.numpy().tobytes()).decode(),
         "experts": routes,
     }
 
@@ -303,6 +333,7 @@ def generate(run, ids, max_new_tokens, temperature, top_k, top_p, seed):
         drawn_from.append(logits[0])
         return sample_next(logits, *args, **kwargs)
 
+    check(type(seed) is int and 0 <= seed < 2**63, "the seed must be 0 to 2**63 - 1")
     torch.manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = window(run, ids)
@@ -329,6 +360,9 @@ class Handler(BaseHTTPRequestHandler):
     lock = threading.Lock()
 
     def do_GET(self):
+        """The page, or the runs as the page is told of them."""
+        if not self.from_here():
+            return
         if self.path == "/":
             self.reply(200, self.page, "text/html; charset=utf-8")
         elif self.path == "/api/runs":
@@ -337,20 +371,42 @@ class Handler(BaseHTTPRequestHandler):
             self.reply_json({"error": f"no page {self.path}"}, 404)
 
     def do_POST(self):
+        """A request of the page; its error as {"error": message}, the server going on."""
+        if not self.from_here():
+            return
         try:
             request = self.read_request()
-            run = self.runs[request.get("run", 0)]
+            run = request.get("run", 0)
+            check(type(run) is int and 0 <= run < len(self.runs), f"no run {run}")
+            run = self.runs[run]
             check(not run.error, f"{run.name}: {run.error}")
             if self.path == "/api/generate":
                 return self.stream_events(run, request)
             with self.lock:
                 self.reply_json(self.answer(run, request))
-        except (PlaygroundError, ValueError, TypeError, IndexError, KeyError) as e:
+        except KeyError as e:
+            self.reply_json({"error": f"the request lacks {e}"}, 400)
+        except (ValueError, TypeError) as e:
             self.reply_json({"error": str(e) or type(e).__name__}, 400)
         except torch.OutOfMemoryError:
-            self.reply_json({"error": "out of memory: try a shorter text"}, 400)
+            self.reply_json({"error": "out of memory: try a shorter text"}, 500)
+        except Exception as e:  # a bug, said on the page rather than only in the terminal
+            self.reply_json({"error": f"{type(e).__name__}: {e}"}, 500)
+
+    def from_here(self):
+        """Whether the request names this server as its host, not a name that a web page
+        elsewhere points at 127.0.0.1 (DNS rebinding)."""
+        host, port = self.server.server_address[:2]
+        names = {f"{name}:{port}" for name in (host, "127.0.0.1", "localhost")}
+        if self.headers.get("Host") in names:
+            return True
+        self.reply_json({"error": "this server answers only its own address"}, 403)
+        return False
 
     def read_request(self):
+        """The JSON object of a POST (which no form of another site can send)."""
+        check(self.headers.get("Content-Type") == "application/json",
+              "requests are application/json")
         length = int(self.headers.get("Content-Length", 0))
         check(0 < length <= MAX_BODY, "the request is empty or too large")
         request = json.loads(self.rfile.read(length))
@@ -358,6 +414,7 @@ class Handler(BaseHTTPRequestHandler):
         return request
 
     def answer(self, run, request):
+        """The reply to a request other than generate."""
         if self.path == "/api/tokens":
             return tokens(run, request["text"])
         if self.path == "/api/distribution":
@@ -368,28 +425,36 @@ class Handler(BaseHTTPRequestHandler):
         raise PlaygroundError(f"no request {self.path}")
 
     def stream_events(self, run, request):
-        """The new tokens as server-sent events, one JSON object each, then {"done": ...}."""
+        """The new tokens as server-sent events, one JSON object each, then {"done": ...};
+        an error after the first as {"error": ...}."""
         with self.lock:
             new = generate(run, request["ids"], request.get("max_new_tokens", 100),
                            request.get("temperature", 1.0), request.get("top_k"),
                            request.get("top_p", 1.0), request.get("seed", 0))
-            # The first token, so that a bad setting gets an error reply, not an empty stream.
-            start = time.time()
-            first = next(new, None)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
-            n_tokens = 0
-            try:
-                for event in itertools.chain([first] if first else [], new):
-                    self.send_event(event)
-                    n_tokens += 1
-                speed = n_tokens / max(time.time() - start, 1e-9)
-                self.send_event({"done": True, "tokens_per_s": speed})
-            except (BrokenPipeError, ConnectionResetError):
-                # The page went away, or asked again: this stream's work is done.
-                new.close()
+            # Closed here in any case, so that its taps are undone under the lock.
+            with closing(new):
+                # The first token, so that a bad setting gets an error reply, not a stream.
+                start = time.time()
+                first = next(new, None)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.end_headers()
+                self.send_stream(itertools.chain([first] if first else [], new), start)
+
+    def send_stream(self, events, start):
+        n_tokens = 0
+        try:
+            for event in events:
+                self.send_event(event)
+                n_tokens += 1
+            speed = n_tokens / max(time.time() - start, 1e-9)
+            self.send_event({"done": True, "tokens_per_s": speed})
+        except (BrokenPipeError, ConnectionResetError):
+            # The page went away, or asked again: this stream's work is done.
+            pass
+        except Exception as e:
+            self.send_event({"error": f"{type(e).__name__}: {e}"})
 
     def send_event(self, event):
         self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -406,7 +471,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format, *args):
-        # Quiet: the terminal shows the URL and the loading, not every request.
+        # Quiet: not every request in the terminal.
         pass
 
 
@@ -418,11 +483,12 @@ def serve(runs, host="127.0.0.1", port=8000):
 
 
 def main(argv=None):
+    """The command line: load the runs, then serve the page until Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--out-dir", nargs="+", default=[], help="training runs to show")
     parser.add_argument("--init-from", nargs="+", default=[], help="released model folders")
-    parser.add_argument("--model", help="the model file of --init-from (found from its "
-                        "config.json's model_type when not given)")
+    parser.add_argument("--model", choices=MODELS, help="the model file of --init-from "
+                        "(found from its config.json's model_type when not given)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps, ...")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="0 for any free port")
