@@ -100,10 +100,10 @@ def check_computable(arch, config):
           f"swiglu_limit {config.get('swiglu_limit')}: llama.cpp's clamps at 7")
     check(arch != "deepseek2" or config["n_shared_experts"] > 0,
           "n_shared_experts 0: llama.cpp's deepseek2 has shared experts in every MoE block")
-    # llama.cpp takes 26 or 27 layers for DeepSeek-V2-Lite, which has one q_proj.
+    # llama.cpp takes 26 or 27 layers for DeepSeek-V2-Lite, with one q_proj.
     lite = arch == "deepseek2" and config["num_hidden_layers"] in (26, 27)
-    check(not lite or not config["q_lora_rank"],
-          "26 or 27 layers with q_lora_rank: llama.cpp would read DeepSeek-V2-Lite's q_proj")
+    check(not lite or not config["q_lora_rank"], "26 or 27 layers and q_lora_rank: llama.cpp "
+          "would take DeepSeek-V2-Lite")
     # llama.cpp scales Gemma's scores by 1 / sqrt(head_dim), whatever query_pre_attn_scalar says.
     scalar = config.get("query_pre_attn_scalar")
     check(arch not in SWA or scalar == config.get("head_dim"),
@@ -146,9 +146,8 @@ def write_hyperparameters(writer, arch, config):
 
 
 def write_mla(writer, config):
-    """DeepSeek-V3's latent attention and experts in llama.cpp's deepseek2 keys. llama.cpp
-    runs MLA as one key and value head over the latent (kv_lora_rank features, plus k_rope's
-    for the keys), as deepseek.py decodes."""
+    """DeepSeek-V3's MLA and experts in llama.cpp's deepseek2 keys: one key and value head
+    over the latent (plus k_rope for the keys), as deepseek.py decodes."""
     rope_dim = config["qk_rope_head_dim"]
     writer.add_key_length(config["kv_lora_rank"] + rope_dim)
     writer.add_value_length(config["kv_lora_rank"])
