@@ -102,8 +102,7 @@ def check_computable(arch, config):
           "n_shared_experts 0: llama.cpp's deepseek2 has shared experts in every MoE block")
     # llama.cpp takes 26 or 27 layers for DeepSeek-V2-Lite, with one q_proj.
     lite = arch == "deepseek2" and config["num_hidden_layers"] in (26, 27)
-    check(not lite or not config["q_lora_rank"], "26 or 27 layers and q_lora_rank: llama.cpp "
-          "would take DeepSeek-V2-Lite")
+    check(not lite or not config["q_lora_rank"], "q_lora_rank in 26 or 27 layers: not Lite")
     # llama.cpp scales Gemma's scores by 1 / sqrt(head_dim), whatever query_pre_attn_scalar says.
     scalar = config.get("query_pre_attn_scalar")
     check(arch not in SWA or scalar == config.get("head_dim"),
