@@ -6,7 +6,7 @@ Each model trains with its own defaults on the same training novels and the same
 each (OMP_NUM_THREADS=1, pinned to its core), as many runs at a time as --parallel. Then `eval`
 scores each run on the whole validation split, and plot_runs.py draws the curves.
 
-    python benchmarks/compare_training.py --data DIR                # 10 minutes a run: ~40 minutes on 2 cores
+    python benchmarks/compare_training.py --data DIR                # 10 minutes a run: ~85 minutes on 2 cores
     python benchmarks/compare_training.py --data DIR --quick        # tiny models, seconds a run: a smoke test
 
 A run folder that already holds a ckpt.pt is not trained again, only scored.
