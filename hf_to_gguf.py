@@ -52,6 +52,19 @@ GEMMA = ("gemma", *SWA)
 # GPT-2's Conv1D weights are (in, out); llama.cpp's, as nn.Linear's, (out, in).
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 DTYPES = ("f32", "f16", "bf16")
+# DeepSeek-V3's config.json keys: deepseek2's (GGUFWriter.add_NAME).
+MLA_KEYS = {
+    "kv_lora_rank": "kv_lora_rank",
+    "first_k_dense_replace": "leading_dense_block_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    "n_routed_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "n_shared_experts": "expert_shared_count",
+    "n_group": "expert_group_count",
+    "topk_group": "expert_group_used_count",
+    "routed_scaling_factor": "expert_weights_scale",
+    "norm_topk_prob": "expert_weights_norm",
+}
 # DeepSeek-V3's projections whose last qk_rope_head_dim rows of each head make q_rope or k_rope.
 ROPE_ROWS = (".q_proj.weight", ".q_b_proj.weight", ".kv_a_proj_with_mqa.weight")
 
@@ -155,16 +168,8 @@ def write_mla(writer, config):
     writer.add_rope_dimension_count(rope_dim)
     # 0: one q_proj.
     writer.add_q_lora_rank(config["q_lora_rank"] or 0)
-    writer.add_kv_lora_rank(config["kv_lora_rank"])
-    writer.add_leading_dense_block_count(config["first_k_dense_replace"])
-    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
-    writer.add_expert_count(config["n_routed_experts"])
-    writer.add_expert_used_count(config["num_experts_per_tok"])
-    writer.add_expert_shared_count(config["n_shared_experts"])
-    writer.add_expert_group_count(config["n_group"])
-    writer.add_expert_group_used_count(config["topk_group"])
-    writer.add_expert_weights_scale(config["routed_scaling_factor"])
-    writer.add_expert_weights_norm(config["norm_topk_prob"])
+    for key, name in MLA_KEYS.items():
+        getattr(writer, f"add_{name}")(config[key])
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
