@@ -68,6 +68,7 @@ class Run:
         self.model = model
         self.tok = tok
         self.error = error
+        self.device = None if model is None else next(model.parameters()).device
         self.info = {"name": name, "error": error}
         if model is not None:
             self.info = {
@@ -106,9 +107,10 @@ def load_run(out_dir=None, init_from=None, model_name=None, device="cpu"):
     except (ValueError, OSError, ImportError) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return Run(name, error=str(e))
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {module.MODEL}.py, {n_params:,} parameters, ready", file=sys.stderr)
-    return Run(name, module, model, tok)
+    run = Run(name, module, model, tok)
+    print(f"{name}: {module.MODEL}.py, {run.info['parameters']:,} parameters, ready",
+          file=sys.stderr)
+    return run
 
 
 def load_released(folder, model_name, device):
@@ -179,9 +181,8 @@ def tokens(run, text):
     if len(ids) > 1:
         module = run.module
         batches = module.sequential_batches(torch.tensor(ids), 1, block_size)
-        device = next(run.model.parameters()).device
-        char_counts = torch.tensor(run.tok.char_counts(), device=device)
-        bpc = module.evaluate(run.model, batches, char_counts, device)[1]
+        char_counts = torch.tensor(run.tok.char_counts(), device=run.device)
+        bpc = module.evaluate(run.model, batches, char_counts, run.device)[1]
         # NaN for a text of special tokens only, which JSON cannot carry.
         result["bpc"] = bpc if math.isfinite(bpc) else None
         # evaluate leaves the model in training mode, for train's loop.
@@ -201,8 +202,7 @@ def window(run, ids):
     vocab_size = run.model.config.vocab_size
     valid = [type(id) is int and 0 <= id < vocab_size for id in ids]
     check(all(valid), f"token ids must be 0 to {vocab_size - 1}")
-    device = next(run.model.parameters()).device
-    return torch.tensor([ids[-run.model.config.block_size :]], device=device)
+    return torch.tensor([ids[-run.model.config.block_size :]], device=run.device)
 
 
 def next_logits(run, ids):

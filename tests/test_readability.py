@@ -35,8 +35,7 @@ CHAR_BUDGETS = {
     "gemma3.py": 60_000,
     "deepseek.py": 68_000,
     "gpt_oss.py": 66_000,
-    # The DeepSeek-V3 issue's deepseek2 (MLA's keys and tensors) beside the export issue's 13K.
-    "hf_to_gguf.py": 16_500,
+    "hf_to_gguf.py": 13_000,
     "playground.py": 20_000,
     "playground.html": 25_000,
 }
@@ -74,7 +73,9 @@ PAIRS = [pair for pair in DIFF_BUDGETS if all((ROOT / name).exists() for name in
 # The files that break a rule today, while the readability issue is still open. Each entry
 # goes when its file is mended; the marks are strict, so a mended file fails until it goes.
 NOT_YET = {
-    "rule6": {"gpt1.py", "bpe.py"},
+    # hf_to_gguf.py: the DeepSeek-V3 issue's deepseek2 (MLA's keys and tensors, about 3.5K)
+    # named no allowance beside the export issue's 13K; its filer is asked to size one.
+    "rule6": {"gpt1.py", "bpe.py", "hf_to_gguf.py"},
     # mixtral.py -> deepseek.py: MLA and DeepSeekMoE replace Mixtral's attention, window and
     # router: about 720 changed lines against 500 (see the issue's note).
     # mixtral.py -> gpt_oss.py: sinks, alternating layers and their cache, clamped experts with
