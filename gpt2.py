@@ -792,7 +792,7 @@ def cmd_sample(args):
 # Pretrained weights: OpenAI's GPT-2 in, ours out
 #
 # Hugging Face publishes OpenAI's GPT-2 as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights), vocab.json + merges.txt
+# model.safetensors or pytorch_model.bin (the weights, or their shards), vocab.json + merges.txt
 # (the tokenizer, bpe.Tokenizer.from_pretrained). Our module names are theirs, so
 # loading is a rename plus one transpose per projection: OpenAI's "Conv1D" layers
 # store W as (in, out) for y = x W + b, where nn.Linear stores (out, in).
@@ -829,11 +829,7 @@ def config_from_pretrained(folder):
     """The GPTConfig of a Hugging Face GPT-2 config.json; other models are refused."""
     path = Path(folder) / "config.json"
     check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
+    hf = bpe.read_json(path)
     hf = {"layer_norm_epsilon": 1e-5, **hf}  # transformers' default
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
@@ -852,20 +848,28 @@ def config_from_pretrained(folder):
 def load_pretrained_weights(model, folder):
     """Copy a Hugging Face GPT-2 folder's weights into `model`, a GPT of its shape: Conv1D
     weights transposed; the mask buffers (attn.bias, attn.masked_bias) left out."""
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        path = path.with_name("pytorch_model.bin")
-    check(path.is_file(),
-          f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
-    # .bin: plain data only (weights_only), no code run from the file.
-    try:
-        if path.suffix == ".safetensors":
-            weights = safetensors.torch.load_file(path)
-        else:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated, foreign, ...
-        raise ValueError(f"{path} is corrupt: it cannot be read") from None
-    check(isinstance(weights, dict), f"{path} holds no state dict of weights")
+    folder = Path(folder)
+    paths = []
+    # One file or, for a large model, the shards its index names.
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        index = folder / f"{name}.index.json"
+        if (folder / name).is_file():
+            paths = [folder / name]
+        elif index.is_file():
+            shards = bpe.read_json(index).get("weight_map", {}).values()
+            paths = [folder / shard for shard in sorted(set(shards))]
+    check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
+    weights = {}
+    for path in paths:
+        check(path.is_file(), f"{folder} lacks {path.name}, which its index names")
+        # .bin: plain data only (weights_only), no code run from the file.
+        try:
+            if path.suffix == ".safetensors":
+                weights |= safetensors.torch.load_file(path)
+            else:
+                weights |= torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # truncated, foreign, ...
+            raise ValueError(f"{path} is corrupt: it cannot be read") from None
     ours = {}
     for name, weight in weights.items():
         name = "transformer." + name.removeprefix("transformer.")
@@ -879,9 +883,8 @@ def load_pretrained_weights(model, folder):
     # load_state_dict copies, converting to the model's float32.
     try:
         model.load_state_dict(ours)
-    except RuntimeError as e:  # names or shapes that config.json does not make
-        raise ValueError(f"{folder}'s weights do not fit GPT-2 as its config.json describes it: "
-                         f"{e}") from None
+    except RuntimeError as e:
+        raise ValueError(f"{folder}'s weights do not fit its config.json: {e}") from None
     return model
 
 

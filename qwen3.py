@@ -945,7 +945,7 @@ def cmd_sample(args):
 # Pretrained weights: Hugging Face's Qwen3 in, ours out
 #
 # Hugging Face publishes Qwen3-family models as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
+# model.safetensors or pytorch_model.bin (the weights, or their shards) and a tokenizer, which
 # bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
 # are theirs: loading is a plain copy.
 
@@ -979,11 +979,7 @@ def config_from_pretrained(folder):
     """The Qwen3Config of a Hugging Face Qwen3 config.json; other models are refused."""
     path = Path(folder) / "config.json"
     check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    check(isinstance(hf, dict), f"{path} is not a model config: it holds no JSON object")
+    hf = bpe.read_json(path)
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
         check(hf.get(key, computed[0]) in computed,
@@ -1018,20 +1014,28 @@ def config_from_pretrained(folder):
 def load_pretrained_weights(model, folder):
     """Copy a Hugging Face Qwen3 folder's weights into `model`, a Qwen3 of its shape: the same
     names, a tied head perhaps stored once; RoPE's saved frequencies left out."""
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        path = path.with_name("pytorch_model.bin")
-    check(path.is_file(),
-          f"{folder} has no model.safetensors or pytorch_model.bin: no weights to load")
-    # .bin: plain data only (weights_only), no code run from the file.
-    try:
-        if path.suffix == ".safetensors":
-            weights = safetensors.torch.load_file(path)
-        else:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated, foreign, ...
-        raise ValueError(f"{path} is corrupt: it cannot be read") from None
-    check(isinstance(weights, dict), f"{path} holds no state dict of weights")
+    folder = Path(folder)
+    paths = []
+    # One file or, for a large model, the shards its index names.
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        index = folder / f"{name}.index.json"
+        if (folder / name).is_file():
+            paths = [folder / name]
+        elif index.is_file():
+            shards = bpe.read_json(index).get("weight_map", {}).values()
+            paths = [folder / shard for shard in sorted(set(shards))]
+    check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
+    weights = {}
+    for path in paths:
+        check(path.is_file(), f"{folder} lacks {path.name}, which its index names")
+        # .bin: plain data only (weights_only), no code run from the file.
+        try:
+            if path.suffix == ".safetensors":
+                weights |= safetensors.torch.load_file(path)
+            else:
+                weights |= torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # truncated, foreign, ...
+            raise ValueError(f"{path} is corrupt: it cannot be read") from None
     ours = {}
     for name, weight in weights.items():
         if not name.endswith("rotary_emb.inv_freq"):
@@ -1041,9 +1045,8 @@ def load_pretrained_weights(model, folder):
     # load_state_dict copies, converting to the model's float32.
     try:
         model.load_state_dict(ours)
-    except RuntimeError as e:  # names or shapes that config.json does not make
-        raise ValueError(f"{folder}'s weights do not fit Qwen3 as its config.json describes it: "
-                         f"{e}") from None
+    except RuntimeError as e:
+        raise ValueError(f"{folder}'s weights do not fit its config.json: {e}") from None
     return model
 
 

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from conftest import one_line_error, randomize, run_cli, run_main, train_args
@@ -319,6 +320,32 @@ def garbage_config(folder):
 ])
 def test_a_bad_init_from_folder_gives_one_line(spoil, key, tmp_path, capsys):
     assert_init_from_refuses(llama, hf_folder(tmp_path, spoil), key, capsys)
+
+
+def bin_shards(folder):
+    """The folder's weights as PyTorch's older layout: pytorch_model-0000i-of-00002.bin shards and
+    pytorch_model.bin.index.json."""
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    weight_map = {}
+    for i, part in enumerate([names[::2], names[1::2]], 1):
+        shard = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({name: weights[name] for name in part}, folder / shard)
+        weight_map |= dict.fromkeys(part, shard)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return weights
+
+
+def test_bin_shards_load_as_their_index_names_them(tmp_path):
+    folder = tmp_path / "hf"
+    hf_llama(folder)
+    whole = llama.Llama.from_pretrained(folder).state_dict()
+    bin_shards(folder)
+    assert all(torch.equal(w, whole[name]) for name, w in llama.Llama.from_pretrained(folder).state_dict().items())
+    (folder / "pytorch_model.bin.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not valid JSON"):
+        llama.Llama.from_pretrained(folder)
 
 
 NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]

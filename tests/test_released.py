@@ -4,6 +4,7 @@ of the family, saved with a tokenizer.json of the family's kind (tests/families.
 generate and decode print; `eval --init-from DIR --text FILE` scores with its tokenizer."""
 
 import importlib
+import shutil
 
 import families
 import pytest
@@ -100,3 +101,21 @@ def test_fine_tuning_needs_a_tokenizer_that_bpe_py_can_train_with(released, tmp_
     code, _, err = run_main(module, capsys, "train", "--init-from", folder, "--out-dir", tmp_path / "run",
                             "--data", tmp_path, "--device", "cpu")
     assert one_line_error(code, err, "byte-level BPE"), err
+
+
+def test_a_large_models_shards_load_as_one_file(released, tmp_path, capsys):
+    """A large model's folder holds its weights in shards, model-00001-of-0000N.safetensors, ...,
+    which model.safetensors.index.json names: they give the text that one file gives, and a
+    missing shard is named in one line."""
+    module, folder, model, _ = released
+    sharded = shutil.copytree(folder, tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    argv = ["--prompt", PROMPT, "--temperature", 0, "--max-new-tokens", 8, "--device", "cpu"]
+    outputs = [run_main(module, capsys, "sample", "--init-from", f, *argv)[:2] for f in (folder, sharded)]
+    assert outputs[0][0] == 0 and outputs[1] == outputs[0]  # the same text (stderr: the speed)
+    shards[-1].unlink()
+    code, _, err = run_main(module, capsys, "sample", "--init-from", sharded, *argv)
+    assert one_line_error(code, err, shards[-1].name), err
