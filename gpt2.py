@@ -292,8 +292,8 @@ class GPT(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True):
         """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
-        step runs the whole window; with it, the first fills the cache and the others run one
-        token.
+        step runs the whole window; with it (room for this text, not the whole context), the
+        first fills the cache and the others run one token.
 
         Past block_size the window slides and the cache goes stale: every token gets a new
         absolute position, and from the second layer on each key and value depends on the token
@@ -305,7 +305,9 @@ class GPT(nn.Module):
         check(T > 0, "generation needs at least one token to start from")
         kv_cache = None
         if use_cache:
-            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
+            size = min(self.config.block_size, T + max_new_tokens)
+            kv_cache = KVCache(replace(self.config, block_size=size), B, idx.device,
+                               self.lm_head.weight.dtype)
         # Only the window is kept, so that a huge max_new_tokens means "until Ctrl-C".
         window = idx[:, -self.config.block_size :]  # (B, <= block_size)
         for t in range(T, T + max_new_tokens):  # t: tokens so far
@@ -792,7 +794,7 @@ def cmd_sample(args):
 # Pretrained weights: OpenAI's GPT-2 in, ours out
 #
 # Hugging Face publishes OpenAI's GPT-2 as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights, or their shards), vocab.json + merges.txt
+# model.safetensors or pytorch_model.bin (the weights), vocab.json + merges.txt
 # (the tokenizer, bpe.Tokenizer.from_pretrained). Our module names are theirs, so
 # loading is a rename plus one transpose per projection: OpenAI's "Conv1D" layers
 # store W as (in, out) for y = x W + b, where nn.Linear stores (out, in).
@@ -812,8 +814,7 @@ CONFIG_KEYS = {
     "n_embd": "n_embd",
     "layer_norm_epsilon": "norm_eps",
 }
-# config.json's settings of GPT-2 variants: the values gpt2.py computes, transformers' default
-# first.
+# The config.json settings that this file computes, transformers' default first.
 SUPPORTED = {
     "model_type": ("gpt2",),
     "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU's tanh approximation
@@ -834,7 +835,7 @@ def config_from_pretrained(folder):
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
         check(hf.get(key, computed[0]) in computed,
-              f"{path} sets {key} to {hf.get(key)!r}: gpt2.py computes {values}")
+              f"{path} sets {key} to {hf.get(key)!r}: {MODEL}.py computes {values}")
     check(hf.get("n_inner") in (None, 4 * hf.get("n_embd", 0)),
           f"{path} sets n_inner: gpt2.py's MLP is 4 * n_embd")
     missing = ", ".join(sorted(CONFIG_KEYS.keys() - hf.keys()))
@@ -846,11 +847,11 @@ def config_from_pretrained(folder):
 
 
 def load_pretrained_weights(model, folder):
-    """Copy a Hugging Face GPT-2 folder's weights into `model`, a GPT of its shape: Conv1D
-    weights transposed; the mask buffers (attn.bias, attn.masked_bias) left out."""
+    """Copy a Hugging Face folder's weights into `model`, of its shape: Conv1D weights
+    transposed; the mask buffers (attn.bias, attn.masked_bias) left out."""
     folder = Path(folder)
     paths = []
-    # One file or, for a large model, the shards its index names.
+    # One file, or the shards its index names.
     for name in ("pytorch_model.bin", "model.safetensors"):
         index = folder / f"{name}.index.json"
         if (folder / name).is_file():
@@ -861,7 +862,7 @@ def load_pretrained_weights(model, folder):
     check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}, which its index names")
+        check(path.is_file(), f"{folder} lacks {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
@@ -920,8 +921,8 @@ def fine_tuning_config(folder, out_dir, dropout):
 
 
 def export(model, tok, folder):
-    """Write model and tokenizer as a Hugging Face GPT-2 folder, --init-from's inverse,
-    Conv1D weights transposed back."""
+    """Write model and tokenizer as a Hugging Face folder, --init-from's inverse, Conv1D
+    weights transposed back."""
     folder = Path(folder)
     config = model.config
     hf_config = {theirs: getattr(config, ours) for theirs, ours in CONFIG_KEYS.items()}
@@ -950,7 +951,7 @@ def export(model, tok, folder):
 
 
 def cmd_export(args):
-    """`export`: the run in --out-dir as a Hugging Face GPT-2 folder."""
+    """`export`: the run in --out-dir as a Hugging Face folder."""
     to = Path(args.to or Path(args.out_dir) / "hf")
     check(to.resolve() != Path(args.out_dir).resolve(),
           "--to must be another folder than --out-dir, whose tokenizer.json is the run's")

@@ -630,8 +630,8 @@ class GptOss(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True):
         """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache
-        each step runs the last block_size tokens; with it, the first runs the prompt, the
-        others one token each.
+        each step runs the last block_size tokens; with it (room for this text, not the whole
+        context), the first runs the prompt, the others one token each.
 
         Past block_size the text is cropped, and the cache re-filled from it at each step, as
         llama.py's: a full layer's keys and values depend on the token that just left (though
@@ -642,7 +642,9 @@ class GptOss(nn.Module):
         check(T > 0, "generation needs at least one token to start from")
         kv_cache = None
         if use_cache:
-            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
+            size = min(self.config.block_size, T + max_new_tokens)
+            kv_cache = KVCache(replace(self.config, block_size=size), B, idx.device,
+                               self.lm_head.weight.dtype)
         block_size = self.config.block_size
         text = idx[:, -block_size:]  # (B, t): the text's last t <= block_size tokens
         todo = text  # (B, <= t): its tokens not cached yet
@@ -1149,7 +1151,7 @@ def cmd_sample(args):
 # Pretrained weights: Hugging Face's gpt-oss in, ours out
 #
 # Hugging Face publishes gpt-oss models as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights, or their shards) and a tokenizer, which
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
 # bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
 # are theirs but for the experts, which transformers stacks: see unstack_experts.
 
@@ -1172,8 +1174,7 @@ CONFIG_KEYS = {
     "head_dim": "head_size",
     "swiglu_limit": "swiglu_limit",
 }
-# config.json's settings of gpt-oss variants: the values gpt_oss.py computes, transformers' default
-# first.
+# The config.json settings that this file computes, transformers' default first.
 SUPPORTED = {
     "architectures": (["GptOssForCausalLM"],),
     "model_type": ("gpt_oss",),
@@ -1195,7 +1196,7 @@ def config_from_pretrained(folder):
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
         check(hf.get(key, computed[0]) in computed,
-              f"{path} sets {key} to {hf.get(key)!r}: gpt_oss.py computes {values}")
+              f"{path} sets {key} to {hf.get(key)!r}: {MODEL}.py computes {values}")
     # transformers' key since version 5, and before
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or GPT_OSS_YARN
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -1296,12 +1297,12 @@ def stack_experts(weights, config):
 
 
 def load_pretrained_weights(model, folder):
-    """Copy a Hugging Face gpt-oss folder's weights into `model`, a GptOss of its shape: the same
-    names but for the experts (unstack_experts), a tied head perhaps stored once; RoPE's saved
+    """Copy a Hugging Face folder's weights into `model`, of its shape: the same names but
+    for the experts (unstack_experts), a tied head perhaps stored once; RoPE's saved
     frequencies left out."""
     folder = Path(folder)
     paths = []
-    # One file or, for a large model, the shards its index names.
+    # One file, or the shards its index names.
     for name in ("pytorch_model.bin", "model.safetensors"):
         index = folder / f"{name}.index.json"
         if (folder / name).is_file():
@@ -1312,7 +1313,7 @@ def load_pretrained_weights(model, folder):
     check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}, which its index names")
+        check(path.is_file(), f"{folder} lacks {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
@@ -1370,7 +1371,7 @@ def fine_tuning_config(folder, out_dir, dropout):
 
 
 def export(model, tok, folder):
-    """Write model and tokenizer as a Hugging Face gpt-oss folder, --init-from's inverse:
+    """Write model and tokenizer as a Hugging Face folder, --init-from's inverse:
     config.json, model.safetensors (the experts stacked), tokenizer.json."""
     folder = Path(folder)
     config = model.config
@@ -1394,7 +1395,7 @@ def export(model, tok, folder):
 
 
 def cmd_export(args):
-    """`export`: the run in --out-dir as a Hugging Face gpt-oss folder."""
+    """`export`: the run in --out-dir as a Hugging Face folder."""
     to = Path(args.to or Path(args.out_dir) / "hf")
     check(to.resolve() != Path(args.out_dir).resolve(),
           "--to must be another folder than --out-dir, whose tokenizer.json is the run's")

@@ -412,8 +412,8 @@ class Llama(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True):
         """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache each
-        step runs the whole window; with it, the first fills the cache and the others run one
-        token.
+        step runs the whole window; with it (room for this text, not the whole context), the
+        first fills the cache and the others run one token.
 
         Past block_size the window slides: from the second layer on, each cached key and value
         depends on the token that just left (though not its position: RoPE's scores are
@@ -424,7 +424,9 @@ class Llama(nn.Module):
         check(T > 0, "generation needs at least one token to start from")
         kv_cache = None
         if use_cache:
-            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
+            size = min(self.config.block_size, T + max_new_tokens)
+            kv_cache = KVCache(replace(self.config, block_size=size), B, idx.device,
+                               self.lm_head.weight.dtype)
         # Only the window is kept, so that a huge max_new_tokens means "until Ctrl-C".
         window = idx[:, -self.config.block_size :]  # (B, <= block_size)
         for t in range(T, T + max_new_tokens):  # t: tokens so far
@@ -922,7 +924,7 @@ def cmd_sample(args):
 # Pretrained weights: Hugging Face's LLaMA in, ours out
 #
 # Hugging Face publishes LLaMA-family models as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights, or their shards) and a tokenizer, which
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
 # bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
 # are theirs: loading is a plain copy.
 
@@ -939,8 +941,7 @@ CONFIG_KEYS = {
     "intermediate_size": "mlp_hidden",
     "tie_word_embeddings": "tie_embeddings",
 }
-# config.json's settings of LLaMA variants: the values llama.py computes, transformers' default
-# first.
+# The config.json settings that this file computes, transformers' default first.
 SUPPORTED = {
     "architectures": (["LlamaForCausalLM"],),
     "model_type": ("llama",),
@@ -958,7 +959,7 @@ def config_from_pretrained(folder):
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
         check(hf.get(key, computed[0]) in computed,
-              f"{path} sets {key} to {hf.get(key)!r}: llama.py computes {values}")
+              f"{path} sets {key} to {hf.get(key)!r}: {MODEL}.py computes {values}")
     scaling = None
     # transformers' key before version 5, and since
     for rope in (hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}):
@@ -989,11 +990,11 @@ def config_from_pretrained(folder):
 
 
 def load_pretrained_weights(model, folder):
-    """Copy a Hugging Face LLaMA folder's weights into `model`, a Llama of its shape: the same
-    names, a tied head perhaps stored once; RoPE's saved frequencies left out."""
+    """Copy a Hugging Face folder's weights into `model`, of its shape: the same names, a
+    tied head perhaps stored once; RoPE's saved frequencies left out."""
     folder = Path(folder)
     paths = []
-    # One file or, for a large model, the shards its index names.
+    # One file, or the shards its index names.
     for name in ("pytorch_model.bin", "model.safetensors"):
         index = folder / f"{name}.index.json"
         if (folder / name).is_file():
@@ -1004,7 +1005,7 @@ def load_pretrained_weights(model, folder):
     check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}, which its index names")
+        check(path.is_file(), f"{folder} lacks {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
@@ -1062,7 +1063,7 @@ def fine_tuning_config(folder, out_dir, dropout):
 
 
 def export(model, tok, folder):
-    """Write model and tokenizer as a Hugging Face LLaMA folder, --init-from's inverse:
+    """Write model and tokenizer as a Hugging Face folder, --init-from's inverse:
     config.json, model.safetensors (the same names), tokenizer.json."""
     folder = Path(folder)
     config = model.config
@@ -1083,7 +1084,7 @@ def export(model, tok, folder):
 
 
 def cmd_export(args):
-    """`export`: the run in --out-dir as a Hugging Face LLaMA folder."""
+    """`export`: the run in --out-dir as a Hugging Face folder."""
     to = Path(args.to or Path(args.out_dir) / "hf")
     check(to.resolve() != Path(args.out_dir).resolve(),
           "--to must be another folder than --out-dir, whose tokenizer.json is the run's")

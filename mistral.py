@@ -452,9 +452,9 @@ class Mistral(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True):
         """Yield max_new_tokens new tokens (B, 1) as they are sampled. Without the cache
-        each step runs the whole text so far, uncropped; with it, the first runs the
-        prompt in chunks of sliding_window tokens (chunked prefill), the others one token
-        each.
+        each step runs the whole text so far, uncropped; with it (room for this text, not the
+        whole window), the first runs the prompt in chunks of sliding_window tokens (chunked
+        prefill), the others one token each.
 
         No re-fill past block_size, where gpt2.py and llama.py re-fill: there cropping the
         oldest token changes every key and value from the second layer on. Here no query sees
@@ -467,7 +467,9 @@ class Mistral(nn.Module):
         check(T > 0, "generation needs at least one token to start from")
         kv_cache = None
         if use_cache:
-            kv_cache = KVCache(self.config, B, idx.device, self.lm_head.weight.dtype)
+            size = min(self.config.sliding_window, T + max_new_tokens)
+            kv_cache = KVCache(replace(self.config, sliding_window=size), B, idx.device,
+                               self.lm_head.weight.dtype)
         W = self.config.sliding_window
         text = idx  # (B, t): the text so far, t tokens
         todo = idx  # (B, <= t): its tokens not cached yet
@@ -967,7 +969,7 @@ def cmd_sample(args):
 # Pretrained weights: Hugging Face's Mistral in, ours out
 #
 # Hugging Face publishes Mistral-family models as a folder: config.json (the shape),
-# model.safetensors or pytorch_model.bin (the weights, or their shards) and a tokenizer, which
+# model.safetensors or pytorch_model.bin (the weights) and a tokenizer, which
 # bpe.Tokenizer.from_pretrained reads. Our module names and nn.Linear's (out, in) layout
 # are theirs: loading is a plain copy.
 
@@ -985,8 +987,7 @@ CONFIG_KEYS = {
     "tie_word_embeddings": "tie_embeddings",
     "sliding_window": "sliding_window",
 }
-# config.json's settings of Mistral variants: the values mistral.py computes, transformers' default
-# first.
+# The config.json settings that this file computes, transformers' default first.
 SUPPORTED = {
     "architectures": (["MistralForCausalLM"],),
     "model_type": ("mistral",),
@@ -1004,7 +1005,7 @@ def config_from_pretrained(folder):
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
         check(hf.get(key, computed[0]) in computed,
-              f"{path} sets {key} to {hf.get(key)!r}: mistral.py computes {values}")
+              f"{path} sets {key} to {hf.get(key)!r}: {MODEL}.py computes {values}")
     scaling = None
     # transformers' key before version 5, and since
     for rope in (hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}):
@@ -1039,11 +1040,11 @@ def config_from_pretrained(folder):
 
 
 def load_pretrained_weights(model, folder):
-    """Copy a Hugging Face Mistral folder's weights into `model`, a Mistral of its shape: the same
-    names, a tied head perhaps stored once; RoPE's saved frequencies left out."""
+    """Copy a Hugging Face folder's weights into `model`, of its shape: the same names, a
+    tied head perhaps stored once; RoPE's saved frequencies left out."""
     folder = Path(folder)
     paths = []
-    # One file or, for a large model, the shards its index names.
+    # One file, or the shards its index names.
     for name in ("pytorch_model.bin", "model.safetensors"):
         index = folder / f"{name}.index.json"
         if (folder / name).is_file():
@@ -1054,7 +1055,7 @@ def load_pretrained_weights(model, folder):
     check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}, which its index names")
+        check(path.is_file(), f"{folder} lacks {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
@@ -1112,7 +1113,7 @@ def fine_tuning_config(folder, out_dir, dropout):
 
 
 def export(model, tok, folder):
-    """Write model and tokenizer as a Hugging Face Mistral folder, --init-from's inverse:
+    """Write model and tokenizer as a Hugging Face folder, --init-from's inverse:
     config.json, model.safetensors (the same names), tokenizer.json."""
     folder = Path(folder)
     config = model.config
@@ -1133,7 +1134,7 @@ def export(model, tok, folder):
 
 
 def cmd_export(args):
-    """`export`: the run in --out-dir as a Hugging Face Mistral folder."""
+    """`export`: the run in --out-dir as a Hugging Face folder."""
     to = Path(args.to or Path(args.out_dir) / "hf")
     check(to.resolve() != Path(args.out_dir).resolve(),
           "--to must be another folder than --out-dir, whose tokenizer.json is the run's")

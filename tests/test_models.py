@@ -274,6 +274,34 @@ def test_greedy_generation_follows_the_cropped_window(m, data):
         assert torch.equal(model.generate(prompt, new_tokens, temperature=0, use_cache=False), out)
 
 
+def cache_elements(cache):
+    """The numbers a KV-cache holds, whatever its buffers are called."""
+    values = []
+    for value in vars(cache).values():
+        values += value if isinstance(value, list) else [value]
+    return sum(value.numel() for value in values if isinstance(value, torch.Tensor))
+
+
+@pytest.mark.parametrize("m", CACHED, indirect=True)
+def test_a_short_texts_cache_holds_that_text_not_the_whole_context(m, monkeypatch):
+    """A released model's context may be 128K tokens: generation's cache has room for the prompt and
+    the new tokens, and for the whole context (or window) only when the text outgrows it."""
+    model = m.build(block_size=32, sliding_window=32)
+    caches = []
+
+    def recorded(*args):
+        caches.append(cache_class(*args))
+        return caches[-1]
+
+    cache_class = m.module.KVCache
+    monkeypatch.setattr(m.module, "KVCache", recorded)
+    prompt = torch.tensor([[1, 2, 3]])
+    for new_tokens in (4, 40):
+        model.generate(prompt, new_tokens, temperature=0)
+    short, long = map(cache_elements, caches)
+    assert short < long == cache_elements(cache_class(model.config, 1, "cpu", torch.float32))
+
+
 def test_sampling_options(m):
     torch.manual_seed(0)
     model = randomize(m.build(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8), std=0.5)
