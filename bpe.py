@@ -621,6 +621,8 @@ def read_json(path, missing=None):
         return missing
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupt: {e})") from None
     if not isinstance(data, dict):

@@ -146,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         # q, k, v of all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # joined heads -> residual stream
-        self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
+        self.c_proj.residual_projection = True  # GPT-2's scaled init: see _init_weights
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, tokens, n_embd
@@ -168,7 +168,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.c_proj.residual_projection = True  # GPT-2's scaled init: see GPT._init_weights
+        self.c_proj.residual_projection = True  # GPT-2's scaled init: see _init_weights
         self.dropout = config.dropout
 
     def forward(self, x):
@@ -829,7 +829,6 @@ SUPPORTED = {
 def config_from_pretrained(folder):
     """The GPTConfig of a Hugging Face GPT-2 config.json; other models are refused."""
     path = Path(folder) / "config.json"
-    check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
     hf = bpe.read_json(path)
     hf = {"layer_norm_epsilon": 1e-5, **hf}  # transformers' default
     for key, computed in SUPPORTED.items():
@@ -850,27 +849,29 @@ def load_pretrained_weights(model, folder):
     """Copy a Hugging Face folder's weights into `model`, of its shape: Conv1D weights
     transposed; the mask buffers (attn.bias, attn.masked_bias) left out."""
     folder = Path(folder)
-    paths = []
-    # One file, or the shards its index names.
-    for name in ("pytorch_model.bin", "model.safetensors"):
-        index = folder / f"{name}.index.json"
-        if (folder / name).is_file():
-            paths = [folder / name]
-        elif index.is_file():
-            shards = bpe.read_json(index).get("weight_map", {}).values()
-            paths = [folder / shard for shard in sorted(set(shards))]
-    check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
+    index = folder / "model.safetensors.index.json"
+    paths = [folder / "model.safetensors"]
+    if not paths[0].is_file() and index.is_file():
+        # A large model's shards.
+        weight_map = bpe.read_json(index).get("weight_map")
+        check(isinstance(weight_map, dict) and weight_map, f"{index} has no weight_map")
+        paths = [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+    elif not paths[0].is_file():
+        paths = [folder / "pytorch_model.bin"]
+        check(paths[0].is_file(), f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}")
+        check(path.is_file(), f"{folder} lacks the shard {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
-                weights |= safetensors.torch.load_file(path)
+                part = safetensors.torch.load_file(path)
             else:
-                weights |= torch.load(path, map_location="cpu", weights_only=True)
+                part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # truncated, foreign, ...
             raise ValueError(f"{path} is corrupt: it cannot be read") from None
+        check(isinstance(part, dict), f"{path} is not a state dict")
+        weights |= part
     ours = {}
     for name, weight in weights.items():
         name = "transformer." + name.removeprefix("transformer.")
@@ -1046,11 +1047,8 @@ def build_parser():
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float,
                         help="sample from the likeliest tokens holding this probability")
-    # Not "(default: True)", which would read as if the cache were off.
-    sample.set_defaults(cache=True)
-    sample.add_argument("--no-cache", dest="cache", action="store_false",
-                        default=argparse.SUPPRESS,
-                        help="generate without the KV-cache (default: with it)")
+    sample.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate with the KV-cache")
     eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
                         "batch_size", "device")
     eval_args.add_argument("--data",

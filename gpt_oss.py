@@ -367,7 +367,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, kv_width)
         # joined heads -> residual stream
         self.o_proj = nn.Linear(config.n_head * config.head_size, config.n_embd)
-        self.o_proj.residual_projection = True  # GPT-2's scaled init: see GptOss._init_weights
+        self.o_proj.residual_projection = True  # GPT-2's scaled init: see _init_weights
         # Each head's sink logit, 0 at the start.
         self.sinks = nn.Parameter(torch.zeros(config.n_head))
 
@@ -398,7 +398,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.n_embd, 2 * config.mlp_hidden)
         self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd)
-        self.down_proj.residual_projection = True  # GPT-2's scaled init: see GptOss._init_weights
+        self.down_proj.residual_projection = True  # GPT-2's scaled init: see _init_weights
         self.limit = config.swiglu_limit
         self.dropout = config.dropout
 
@@ -643,8 +643,9 @@ class GptOss(nn.Module):
         kv_cache = None
         if use_cache:
             size = min(self.config.block_size, T + max_new_tokens)
-            kv_cache = KVCache(replace(self.config, block_size=size), B, idx.device,
-                               self.lm_head.weight.dtype)
+            room = replace(self.config, block_size=size,
+                           sliding_window=min(self.config.sliding_window, size))
+            kv_cache = KVCache(room, B, idx.device, self.lm_head.weight.dtype)
         block_size = self.config.block_size
         text = idx[:, -block_size:]  # (B, t): the text's last t <= block_size tokens
         todo = text  # (B, <= t): its tokens not cached yet
@@ -1181,7 +1182,7 @@ SUPPORTED = {
     "attention_bias": (True,),
     "swiglu_alpha": (SWIGLU_ALPHA,),
 }
-# transformers' names of a full and a windowed layer, as is_windowed(layer) indexes them.
+# transformers' layer_types, as is_windowed(layer) indexes them.
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # transformers' RoPE for a gpt-oss config.json that names none.
 GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
@@ -1191,7 +1192,6 @@ GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embe
 def config_from_pretrained(folder):
     """The GptOssConfig of a Hugging Face gpt-oss config.json; other models are refused."""
     path = Path(folder) / "config.json"
-    check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
     hf = bpe.read_json(path)
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
@@ -1301,27 +1301,29 @@ def load_pretrained_weights(model, folder):
     for the experts (unstack_experts), a tied head perhaps stored once; RoPE's saved
     frequencies left out."""
     folder = Path(folder)
-    paths = []
-    # One file, or the shards its index names.
-    for name in ("pytorch_model.bin", "model.safetensors"):
-        index = folder / f"{name}.index.json"
-        if (folder / name).is_file():
-            paths = [folder / name]
-        elif index.is_file():
-            shards = bpe.read_json(index).get("weight_map", {}).values()
-            paths = [folder / shard for shard in sorted(set(shards))]
-    check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
+    index = folder / "model.safetensors.index.json"
+    paths = [folder / "model.safetensors"]
+    if not paths[0].is_file() and index.is_file():
+        # A large model's shards.
+        weight_map = bpe.read_json(index).get("weight_map")
+        check(isinstance(weight_map, dict) and weight_map, f"{index} has no weight_map")
+        paths = [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+    elif not paths[0].is_file():
+        paths = [folder / "pytorch_model.bin"]
+        check(paths[0].is_file(), f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}")
+        check(path.is_file(), f"{folder} lacks the shard {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
-                weights |= safetensors.torch.load_file(path)
+                part = safetensors.torch.load_file(path)
             else:
-                weights |= torch.load(path, map_location="cpu", weights_only=True)
+                part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # truncated, foreign, ...
             raise ValueError(f"{path} is corrupt: it cannot be read") from None
+        check(isinstance(part, dict), f"{path} is not a state dict")
+        weights |= part
     ours = {}
     for name, weight in weights.items():
         if not name.endswith("rotary_emb.inv_freq"):
@@ -1493,11 +1495,8 @@ def build_parser():
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float,
                         help="sample from the likeliest tokens holding this probability")
-    # Not "(default: True)", which would read as if the cache were off.
-    sample.set_defaults(cache=True)
-    sample.add_argument("--no-cache", dest="cache", action="store_false",
-                        default=argparse.SUPPRESS,
-                        help="generate without the KV-cache (default: with it)")
+    sample.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate with the KV-cache")
     eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
                         "batch_size", "device")
     eval_args.add_argument("--data",

@@ -296,7 +296,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, kv_width, bias=False)
         # joined heads -> residual stream
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.o_proj.residual_projection = True  # GPT-2's scaled init: see Mistral._init_weights
+        self.o_proj.residual_projection = True  # GPT-2's scaled init: see _init_weights
 
     def forward(self, x, rope, kv_cache=None):
         B, T, C = x.size()  # batch, tokens, n_embd
@@ -325,7 +325,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
-        self.down_proj.residual_projection = True  # GPT-2's scaled init: see Mistral._init_weights
+        self.down_proj.residual_projection = True  # GPT-2's scaled init: see _init_weights
         self.dropout = config.dropout
 
     def forward(self, x):
@@ -1000,7 +1000,6 @@ SUPPORTED = {
 def config_from_pretrained(folder):
     """The MistralConfig of a Hugging Face Mistral config.json; other models are refused."""
     path = Path(folder) / "config.json"
-    check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
     hf = bpe.read_json(path)
     for key, computed in SUPPORTED.items():
         values = " or ".join(map(repr, computed))
@@ -1043,27 +1042,29 @@ def load_pretrained_weights(model, folder):
     """Copy a Hugging Face folder's weights into `model`, of its shape: the same names, a
     tied head perhaps stored once; RoPE's saved frequencies left out."""
     folder = Path(folder)
-    paths = []
-    # One file, or the shards its index names.
-    for name in ("pytorch_model.bin", "model.safetensors"):
-        index = folder / f"{name}.index.json"
-        if (folder / name).is_file():
-            paths = [folder / name]
-        elif index.is_file():
-            shards = bpe.read_json(index).get("weight_map", {}).values()
-            paths = [folder / shard for shard in sorted(set(shards))]
-    check(paths, f"{folder} has no model.safetensors or pytorch_model.bin")
+    index = folder / "model.safetensors.index.json"
+    paths = [folder / "model.safetensors"]
+    if not paths[0].is_file() and index.is_file():
+        # A large model's shards.
+        weight_map = bpe.read_json(index).get("weight_map")
+        check(isinstance(weight_map, dict) and weight_map, f"{index} has no weight_map")
+        paths = [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+    elif not paths[0].is_file():
+        paths = [folder / "pytorch_model.bin"]
+        check(paths[0].is_file(), f"{folder} has no model.safetensors or pytorch_model.bin")
     weights = {}
     for path in paths:
-        check(path.is_file(), f"{folder} lacks {path.name}")
+        check(path.is_file(), f"{folder} lacks the shard {path.name}")
         # .bin: plain data only (weights_only), no code run from the file.
         try:
             if path.suffix == ".safetensors":
-                weights |= safetensors.torch.load_file(path)
+                part = safetensors.torch.load_file(path)
             else:
-                weights |= torch.load(path, map_location="cpu", weights_only=True)
+                part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # truncated, foreign, ...
             raise ValueError(f"{path} is corrupt: it cannot be read") from None
+        check(isinstance(part, dict), f"{path} is not a state dict")
+        weights |= part
     ours = {}
     for name, weight in weights.items():
         if not name.endswith("rotary_emb.inv_freq"):
@@ -1232,11 +1233,8 @@ def build_parser():
     sample.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     sample.add_argument("--top-p", type=float,
                         help="sample from the likeliest tokens holding this probability")
-    # Not "(default: True)", which would read as if the cache were off.
-    sample.set_defaults(cache=True)
-    sample.add_argument("--no-cache", dest="cache", action="store_false",
-                        default=argparse.SUPPRESS,
-                        help="generate without the KV-cache (default: with it)")
+    sample.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate with the KV-cache")
     eval_args = command("eval", "loss and bits per character", cmd_eval, "out_dir", "init_from",
                         "batch_size", "device")
     eval_args.add_argument("--data",

@@ -116,7 +116,8 @@ def load_run(out_dir=None, init_from=None, model_name=None, device="cpu"):
 def load_released(folder, model_name, device):
     """(model file, model, tokenizer) of a Hugging Face folder, by its model file's loader."""
     model_name = model_name or model_file_of(folder)
-    size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    weights = [*Path(folder).glob("*.safetensors"), *Path(folder).glob("*.bin")]
+    size = sum(f.stat().st_size for f in weights)
     print(f"reading {folder} for {model_name}.py ({size / 2**30:.1f} GiB) ...", file=sys.stderr)
     module = importlib.import_module(model_name)
     model, tok = module.load_trained(None, module.pick_device(device), folder)

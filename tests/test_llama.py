@@ -302,6 +302,33 @@ def truncated_weights(folder):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def shards(folder, weight_map=None):
+    """The folder's weights as a large model's: two shards and the index that names them (or
+    weight_map in its place)."""
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    files = {}
+    for i, part in enumerate([names[::2], names[1::2]], 1):
+        shard = f"model-{i:05d}-of-00002.safetensors"
+        safetensors.torch.save_file({name: weights[name] for name in part}, folder / shard)
+        files |= dict.fromkeys(part, shard)
+    index = {"metadata": {}, "weight_map": files if weight_map is None else weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def a_missing_shard(folder):
+    shards(folder)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+
+
+def bin_of(content):
+    def spoil(folder):
+        (folder / "model.safetensors").unlink()
+        torch.save(content, folder / "pytorch_model.bin")
+    return spoil
+
+
 def garbage_config(folder):
     (folder / "config.json").write_text("{not json")
 
@@ -317,35 +344,23 @@ def garbage_config(folder):
     (garbage_config, "JSON"),
     (no_weights, "model.safetensors"),
     (truncated_weights, "corrupt"),
+    (a_missing_shard, "lacks the shard model-00002-of-00002.safetensors"),
+    (lambda folder: shards(folder, weight_map=["model-00001-of-00002.safetensors"]), "weight_map"),
+    (lambda folder: shards(folder, weight_map={"lm_head.weight": 1}), "lacks the shard 1"),
+    (bin_of([("lm_head.weight", torch.zeros(2))]), "not a state dict"),
+    (bin_of(torch.zeros(3, 2)), "not a state dict"),
 ])
 def test_a_bad_init_from_folder_gives_one_line(spoil, key, tmp_path, capsys):
     assert_init_from_refuses(llama, hf_folder(tmp_path, spoil), key, capsys)
 
 
-def bin_shards(folder):
-    """The folder's weights as PyTorch's older layout: pytorch_model-0000i-of-00002.bin shards and
-    pytorch_model.bin.index.json."""
-    weights = safetensors.torch.load_file(folder / "model.safetensors")
-    (folder / "model.safetensors").unlink()
-    names = sorted(weights)
-    weight_map = {}
-    for i, part in enumerate([names[::2], names[1::2]], 1):
-        shard = f"pytorch_model-{i:05d}-of-00002.bin"
-        torch.save({name: weights[name] for name in part}, folder / shard)
-        weight_map |= dict.fromkeys(part, shard)
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return weights
-
-
-def test_bin_shards_load_as_their_index_names_them(tmp_path):
+def test_shards_load_as_their_index_names_them(tmp_path):
     folder = tmp_path / "hf"
     hf_llama(folder)
     whole = llama.Llama.from_pretrained(folder).state_dict()
-    bin_shards(folder)
-    assert all(torch.equal(w, whole[name]) for name, w in llama.Llama.from_pretrained(folder).state_dict().items())
-    (folder / "pytorch_model.bin.index.json").write_text("{not json")
-    with pytest.raises(ValueError, match="index.json is not valid JSON"):
-        llama.Llama.from_pretrained(folder)
+    shards(folder)
+    sharded = llama.Llama.from_pretrained(folder).state_dict()
+    assert sharded.keys() == whole.keys() and all(torch.equal(sharded[k], whole[k]) for k in whole)
 
 
 NEW = ["train", "--data", "{corpus}", "--out-dir", "{tmp}/new"]

@@ -286,7 +286,7 @@ def cache_elements(cache):
 def test_a_short_texts_cache_holds_that_text_not_the_whole_context(m, monkeypatch):
     """A released model's context may be 128K tokens: generation's cache has room for the prompt and
     the new tokens, and for the whole context (or window) only when the text outgrows it."""
-    model = m.build(block_size=32, sliding_window=32)
+    model = m.build(block_size=32, sliding_window=16)
     caches = []
 
     def recorded(*args):
@@ -299,7 +299,10 @@ def test_a_short_texts_cache_holds_that_text_not_the_whole_context(m, monkeypatc
     for new_tokens in (4, 40):
         model.generate(prompt, new_tokens, temperature=0)
     short, long = map(cache_elements, caches)
-    assert short < long == cache_elements(cache_class(model.config, 1, "cpu", torch.float32))
+    # The cache of a model whose context and window are the 7 tokens
+    seven = m.build(block_size=7, sliding_window=7).config
+    assert short == cache_elements(cache_class(seven, 1, "cpu", torch.float32))
+    assert long == cache_elements(cache_class(model.config, 1, "cpu", torch.float32))
 
 
 def test_sampling_options(m):
@@ -770,7 +773,7 @@ def test_a_huge_max_new_tokens_needs_no_memory_ahead(m):
 @pytest.mark.parametrize("m", CACHED, indirect=True)
 def test_no_cache_does_not_read_as_off_by_default(m, capsys):
     _, out, _ = main(m, capsys, "sample", "--help")
-    assert "without the KV-cache (default: with it)" in " ".join(out.split())
+    assert "--cache, --no-cache generate with the KV-cache (default: True)" in " ".join(out.split())
     assert m.module.build_parser().parse_args(["sample"]).cache
 
 
