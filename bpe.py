@@ -360,9 +360,10 @@ class Tokenizer:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def decode_stream(self, ids):
+    def decode_stream(self, ids, continuing=True):
         """Yield the text of ids as a model generates them. A character cut between two
-        tokens (half a Cyrillic letter) waits for its rest."""
+        tokens (half a Cyrillic letter) waits for its rest. `continuing` (whether the ids
+        follow a text) changes nothing in byte-level BPE."""
         pieces = (self.decode_bytes([id]) for id in ids)
         return codecs.iterdecode(pieces, "utf-8", errors="replace")
 
@@ -572,14 +573,21 @@ class SentencePieceBPE(Tokenizer):
     def decode(self, ids):
         """Ids -> text, without the first space: the "▁" that encoding put first (or, as
         `tokenizers` decodes it, a space found there)."""
-        text = "".join(self.decode_stream(ids))
-        if self.prefix:
-            text = text.removeprefix(" ")
-        return text
+        return "".join(self.decode_stream(ids, continuing=False))
 
-    def decode_stream(self, ids):
-        """Yield the text of ids as they come. A run of byte pieces waits for its end: its
-        UTF-8 text, or if invalid one U+FFFD per byte, as `tokenizers` decodes it."""
+    def decode_stream(self, ids, continuing=True):
+        """Yield the text of ids as they come: the rest of a text, or (not continuing) a text
+        from its start, whose first space decode drops."""
+        start = self.prefix and not continuing
+        for text in self._fused(ids):
+            if start and text:
+                text = text.removeprefix(" ")
+                start = False
+            yield text
+
+    def _fused(self, ids):
+        """The pieces' text. A run of byte pieces waits for its end: its UTF-8 text, or if
+        invalid one U+FFFD per byte, as `tokenizers` decodes it."""
         run = []
         for id in ids:
             data = self.decode_bytes([id])

@@ -1141,7 +1141,9 @@ def cmd_sample(args):
     if args.prompt_ids:
         prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
     print(prompt, end="")
-    pieces = tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids())
+    pieces = (f" {id}" for id in new_ids())
+    if tok:
+        pieces = tok.decode_stream(new_ids(), continuing=bool(prompt))
     for text in pieces:
         print(text, end="", flush=True)
     print()
@@ -1381,7 +1383,7 @@ def export(model, tok, folder):
     hf_config.update({key: computed[0] for key, computed in SUPPORTED.items()})
     hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     hf_config["layer_types"] = [LAYER_TYPES[is_windowed(layer)] for layer in range(config.n_layer)]
-    # Named, as transformers would otherwise assume YaRN.
+    # Named: else transformers assumes YaRN.
     hf_config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling:
         hf_config["rope_parameters"].update(rope_type="yarn", **config.rope_scaling)

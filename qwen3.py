@@ -936,7 +936,9 @@ def cmd_sample(args):
     if args.prompt_ids:
         prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
     print(prompt, end="")
-    pieces = tok.decode_stream(new_ids()) if tok else (f" {id}" for id in new_ids())
+    pieces = (f" {id}" for id in new_ids())
+    if tok:
+        pieces = tok.decode_stream(new_ids(), continuing=bool(prompt))
     for text in pieces:
         print(text, end="", flush=True)
     print()

@@ -84,6 +84,20 @@ def test_greedy_text_equals_transformers(released, capsys):
     assert out == text + "\n" and len(new) >= 5  # long enough to tell
 
 
+
+def test_a_blank_page_prints_what_transformers_decodes(released, capsys, monkeypatch):
+    """No prompt: the text starts at the beginning-of-text token, and a first word with a space
+    before it is printed as transformers decodes it (SentencePiece's drops that space)."""
+    module, folder, _, hf_tok = released
+    if hf_tok.bos_token_id is None:
+        pytest.skip("no beginning-of-text token: a blank page has nothing to start from")
+    vocab = sorted(hf_tok.get_vocab().items())
+    word = next(id for token, id in vocab if token[:1] in ("\u2581", "\u0120") and len(token) > 2)
+    monkeypatch.setattr(module, "sample_next", lambda logits, *options: torch.tensor([[word]]))
+    code, out, err = run_main(module, capsys, "sample", "--init-from", folder, "--max-new-tokens", 1,
+                              "--device", "cpu")
+    assert code == 0 and out == hf_tok.decode([word]) + "\n", err
+
 def test_eval_scores_a_text_with_the_folders_tokenizer(released, tmp_path, capsys):
     module, folder, model, hf_tok = released
     (tmp_path / "text.txt").write_text(PROMPT * 3, encoding="utf-8")
