@@ -629,7 +629,7 @@ def read_json(path, missing=None):
         return missing
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no such file: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupt: {e})") from None
@@ -860,6 +860,8 @@ def read_text(path):
         text = Path(path).read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a text file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); "
                          f"convert it to UTF-8") from None
@@ -988,7 +990,11 @@ def encode_corpus(tok, docs, path, log=print):
     if path.exists() and meta_path.exists():
         # Its size too: a truncated array is made again.
         made = {**identity, "bytes": path.stat().st_size}
-        if json.loads(meta_path.read_text(encoding="utf-8")) == made:
+        try:
+            recorded = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError:  # a damaged record vouches for nothing
+            recorded = None
+        if recorded == made:
             return path
     # Until the new record is written, no record may vouch for the new array.
     meta_path.unlink(missing_ok=True)
@@ -1047,6 +1053,9 @@ DEFAULT_TOKENIZER = "checkpoints/gpt2/tokenizer.json"
 
 
 def cmd_train(args):
+    # A run's tokenizer.json stays: its checkpoint was trained with it.
+    if (Path(args.out).parent / "ckpt.pt").exists():
+        raise ValueError(f"{args.out} is a run's tokenizer: give another --out")
     start = time.time()
     train_docs, val_docs = split_corpus(read_corpus(args.data))
     texts = [text for _, text in train_docs]

@@ -1259,8 +1259,8 @@ def export(model, tok, folder):
 def cmd_export(args):
     """`export`: the run in --out-dir as a Hugging Face folder."""
     to = Path(args.to or Path(args.out_dir) / "hf")
-    check(to.resolve() != Path(args.out_dir).resolve(),
-          "--to must be another folder than --out-dir, whose tokenizer.json is the run's")
+    check(not (to / "ckpt.pt").exists(),
+          f"--to {to} holds a run, whose tokenizer.json export would replace: give another")
     model, tok = load_trained(args.out_dir, torch.device("cpu"))
     export(model, tok, to)
 

@@ -496,6 +496,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.out_dir and not args.init_from:
         parser.error("give --out-dir RUN ... or --init-from DIR ...")
+    # Before the models load, which takes a while.
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0 to 65535, got {args.port}")
     runs = [load_run(out_dir=folder, device=args.device) for folder in args.out_dir]
     for folder in args.init_from:
         runs.append(load_run(init_from=folder, model_name=args.model, device=args.device))

@@ -393,10 +393,14 @@ def test_encode_and_decode_write_utf8_to_any_console(tok, tmp_path, console):
         (["encode", "--tokenizer", "{tmp}/missing.json", "x"], "error: no tokenizer at"),
         (["decode", "--tokenizer", "{tok}", "999999"], "error: token id 999999 is out of range"),
         (["train", "--vocab-size", "10", "--data", "{data}", "--out", "{tmp}/t.json"], "error: vocab_size must be"),
+        (["train", "--data", "{data}", "--out", "{tmp}/run/tokenizer.json"], "error: {tmp}/run/tokenizer.json is a run's"),
     ],
 )
 def test_command_line_errors_are_one_line(tok, tmp_path, args, message):
     tok.save(tmp_path / "tok.json")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"a run's checkpoint, trained with its tokenizer.json")
+    message = message.format(tmp=tmp_path)
     data = write_corpus(tmp_path / "c", {"a.txt": "один", "b.txt": "два"})
     args = [a.format(tmp=tmp_path, tok=tmp_path / "tok.json", data=data) for a in args]
     result = run_bpe(*args)
@@ -587,3 +591,21 @@ def test_a_truncated_token_array_is_made_again(tok, tmp_path):
     lines = []
     bpe.encode_corpus(tok, docs, path, log=lines.append)
     assert lines and tok.decode(read_ids(path)) == bpe.EOT + RUSSIAN
+
+
+def test_a_damaged_record_of_a_token_array_makes_it_again(tok, tmp_path):
+    path = tmp_path / "train.bin"
+    docs = [("a.txt", RUSSIAN)]
+    bpe.encode_corpus(tok, docs, path, log=lambda *_: None)
+    path.with_suffix(".json").write_text('{"tokenizer": ', encoding="utf-8")
+    lines = []
+    bpe.encode_corpus(tok, docs, path, log=lines.append)
+    assert lines and tok.decode(read_ids(path)) == bpe.EOT + RUSSIAN
+
+
+def test_a_folder_given_for_a_text_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a text file"):
+        bpe.read_text(tmp_path)
+    (tmp_path / "a.txt").write_text("a text, not a model's folder", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        bpe.read_json(tmp_path / "a.txt" / "config.json")

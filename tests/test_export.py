@@ -78,10 +78,16 @@ def test_fine_tuning_from_the_export_starts_from_its_weights(exported, corpus, t
         bpe.Tokenizer.load(run / "tokenizer.json").fingerprint
 
 
-def test_export_into_the_run_itself_is_refused(exported, capsys):
+def test_export_into_a_run_is_refused(exported, tmp_path, capsys):
+    """The run itself, or another, whose tokenizer.json its checkpoint needs."""
     module, run, _ = exported
-    code, _, err = run_main(module, capsys, "export", "--out-dir", run, "--to", run)
-    assert one_line_error(code, err, "--to"), err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ckpt.pt").write_bytes(b"another run's checkpoint")
+    for to in (run, other):
+        code, _, err = run_main(module, capsys, "export", "--out-dir", run, "--to", to)
+        assert one_line_error(code, err, "--to"), err
+    assert not (other / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("name", ["mistral", "mixtral"])
