@@ -1111,7 +1111,7 @@ def main(argv=None):
     train.add_argument("--vocab-size", type=int, default=3000,
                        help="bytes + merges + <|endoftext|>")
     train.add_argument("--data", default=default_data_dir(),
-                       help="folder of .txt files (env CORPUS_DIR)")
+                       help="a folder of .txt files or one (env CORPUS_DIR)")
     train.add_argument("--out", default=DEFAULT_TOKENIZER, help="where to write tokenizer.json")
     encode = commands.add_parser("encode", help="text -> ids", **defaults)
     source = encode.add_mutually_exclusive_group()
