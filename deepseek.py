@@ -1198,9 +1198,10 @@ def cmd_sample(args):
     if args.prompt_ids:
         prompt = tok.decode(ids) if tok else " ".join(map(str, ids))
     print(prompt, end="")
-    pieces = (f" {id}" for id in new_ids())
     if tok:
         pieces = tok.decode_stream(new_ids(), continuing=bool(prompt))
+    else:
+        pieces = (f" {id}" for id in new_ids())
     for text in pieces:
         print(text, end="", flush=True)
     print()

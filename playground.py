@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bpe
+
 ROOT = Path(__file__).resolve().parent
 # The model files: a run's ckpt.pt names one, a released folder's model_type finds one.
 MODELS = ["gpt1", "gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3", "gemma3", "deepseek",
@@ -85,9 +87,7 @@ def model_file_of(folder):
     """The model file whose SUPPORTED model_type a released folder's config.json has."""
     path = Path(folder) / "config.json"
     check(path.is_file(), f"{folder} has no config.json: it is not a Hugging Face model folder")
-    config = json.loads(path.read_text(encoding="utf-8-sig"))
-    check(isinstance(config, dict), f"{path} is not a JSON object")
-    model_type = config.get("model_type")
+    model_type = bpe.read_json(path).get("model_type")
     for name in MODELS:
         supported = getattr(importlib.import_module(name), "SUPPORTED", {})
         if model_type in supported.get("model_type", ()):
@@ -247,10 +247,10 @@ def check_sampling(temperature, top_k, top_p):
     """PlaygroundError for sampling settings out of range."""
     check(isinstance(temperature, (int, float)) and 0 <= temperature <= 10,
           "temperature must be 0 to 10")
-    check(top_k is None or (isinstance(top_k, int) and top_k >= 1), "top_k must be at least 1")
-    check(top_p is None or isinstance(top_p, (int, float)) and 0 < top_p <= 1,
+    # type(), not isinstance: True is an int to isinstance, but no top_k.
+    check(top_k is None or (type(top_k) is int and top_k >= 1), "top_k must be at least 1")
+    check(top_p is None or (isinstance(top_p, (int, float)) and 0 < top_p <= 1),
           "top_p must be in (0, 1]")
-    check(not isinstance(top_k, bool), "top_k must be a number")
 
 
 def distribution(run, ids, temperature=1.0, top_k=None, top_p=1.0):
